@@ -1,0 +1,1 @@
+"""dm-bow compatible backup-on-write model (issue 5); empty until then."""
