@@ -35,7 +35,7 @@ class FilesystemError(FiesnapError):
     exit_code = 5
 
 
-class NameError_(FiesnapError):
+class CheckpointNameError(FiesnapError):
     """Unknown or taken checkpoint name."""
 
     exit_code = 6
