@@ -1,0 +1,202 @@
+"""Command-line interface. Thin: parse, call ops, print; errors become one line + exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import __version__, ops
+from .errors import FiesnapError, UsageError
+from .state import StateStore
+from .units import format_bytes, parse_size
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=(
+        "Rollback checkpoints for a plain ext4 or XFS filesystem, on the kernel's stock "
+        "dm-snapshot, with the COW store kept in a preallocated file on the filesystem itself."
+    ),
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _dm_factory():
+    from .dm import DeviceMapper
+
+    return DeviceMapper()
+
+
+def _log(msg: str) -> None:
+    err.print(f"fiesnap: {msg}", markup=False)
+
+
+def _emit_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class _RichProgress:
+    def __init__(self, total: int) -> None:
+        self._p = Progress(
+            "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False,
+        )
+        self._p.start()
+        self._task = self._p.add_task("merging", total=total)
+
+    def advance(self, n: int) -> None:
+        self._p.advance(self._task, n)
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def _size(text: str, what: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
+@app.command()
+def start(
+    device: str = typer.Argument(..., help="Unmounted block device holding ext4 or XFS."),
+    size: str = typer.Option(..., "--size", "-s", help="Store size: 64M, 2G, 1.5GiB or bytes."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Checkpoint name (default: the device's basename)."),
+    chunk_size: str = typer.Option("4K", "--chunk-size", help="dm-snapshot chunk size, a power of two from 4K to 512K."),
+    as_json: bool = typer.Option(False, "--json", help="Print the new checkpoint as JSON on stdout."),
+) -> None:
+    """Take a checkpoint of DEVICE and build /dev/mapper/NAME (mount that), NAME-snap and NAME-cow."""
+    req = ops.StartRequest(device=device, size=_size(size, "--size"), name=name,
+                           chunk_bytes=_size(chunk_size, "--chunk-size"))
+    record = ops.start(req, _dm_factory, StateStore(), _log)
+    if as_json:
+        _emit_json(ops.status(_dm_factory, StateStore(), record.name)[0].to_dict())
+    else:
+        out.print(f"checkpoint {record.name} started: mount /dev/mapper/{record.name}", markup=False)
+
+
+@app.command()
+def status(
+    name: Optional[str] = typer.Argument(None, help="One checkpoint (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Stable machine output on stdout; byte figures are integers."),
+) -> None:
+    """Show checkpoints: state, store size and usage, chunk size, extents, device, start time."""
+    rows = [s.to_dict() for s in ops.status(_dm_factory, StateStore(), name)]
+    if as_json:
+        _emit_json({"checkpoints": rows})
+        return
+    if not rows:
+        out.print("no checkpoints")
+        return
+    table = Table(title=None)
+    for col in ("name", "state", "device", "store", "used", "meta", "use%", "chunk", "extents", "started", "mounted"):
+        table.add_column(col)
+    for r in rows:
+        def b(v):
+            return "-" if v is None else format_bytes(v)
+        table.add_row(
+            r["name"], r["state"], r["device"], b(r["store_bytes"]), b(r["used_bytes"]),
+            b(r["metadata_bytes"]), "-" if r["percent_used"] is None else f"{r['percent_used']:.1f}",
+            b(r["chunk_bytes"]), str(r["extents"]), r["start_time"], ", ".join(r["mounted_on"]) or "-",
+        )
+    out.print(table)
+
+
+@app.command()
+def commit(
+    name: str = typer.Argument(..., help="Checkpoint to end, keeping all changes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Keep all changes: end the checkpoint and remove the snapshot, the store device and the store file.
+
+    If the filesystem is mounted on /dev/mapper/NAME it stays mounted (NAME becomes a plain
+    pass-through; run commit again after unmounting to remove it). Otherwise NAME is removed.
+    """
+    result = ops.commit(name, _dm_factory, StateStore(), _log)
+    if as_json:
+        _emit_json({"name": name, "result": result})
+    else:
+        out.print(f"checkpoint {name} committed ({result})", markup=False)
+
+
+def _merge(name: str, keep_store: bool, as_json: bool) -> None:
+    show_bar = not as_json and err.is_terminal
+    result = ops.merge(name, _dm_factory, StateStore(), _log, keep_store=keep_store,
+                       progress_factory=_RichProgress if show_bar else None)
+    data = {
+        "name": name,
+        "runs": result.runs if result else 0,
+        "chunks": result.chunks if result else 0,
+        "bytes_copied": result.bytes_copied if result else 0,
+        "seconds": round(result.seconds, 3) if result else 0.0,
+        "store_removed": not keep_store,
+    }
+    if as_json:
+        _emit_json(data)
+    else:
+        out.print(f"rolled back {name}: {data['chunks']} chunks ({format_bytes(data['bytes_copied'])}) restored",
+                  markup=False)
+
+
+_KEEP = typer.Option(False, "--keep-store", help="Keep the store file after the merge.")
+_JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+
+
+@app.command()
+def merge(name: str = typer.Argument(..., help="Checkpoint to roll back to."), keep_store: bool = _KEEP,
+          as_json: bool = _JSON) -> None:
+    """Roll back: copy the saved chunks back onto the device (filesystem must be unmounted).
+
+    Safe to re-run after an interruption (kill, power loss): it finishes the job exactly.
+    """
+    _merge(name, keep_store, as_json)
+
+
+@app.command("rollback")
+def rollback(name: str = typer.Argument(..., help="Checkpoint to roll back to."), keep_store: bool = _KEEP,
+             as_json: bool = _JSON) -> None:
+    """Alias of merge."""
+    _merge(name, keep_store, as_json)
+
+
+@app.command()
+def version() -> None:
+    """Print fiesnap's version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    try:
+        rv = app(standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except FiesnapError as e:
+        err.print(f"fiesnap: error: {e}", markup=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("fiesnap: interrupted; re-run the same command to finish or undo cleanly", markup=False)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors and bugs
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(UsageError.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if os.environ.get("FIESNAP_DEBUG"):
+            raise
+        err.print(f"fiesnap: internal error: {type(e).__name__}: {e} (FIESNAP_DEBUG=1 shows a traceback)",
+                  markup=False)
+        sys.exit(1)

@@ -1,0 +1,93 @@
+"""The userspace merge engine: read the store's exception table and copy chunks back.
+
+Reads go through the `-cow` device with O_DIRECT (its page cache is not kept
+coherent with the kernel's writes). The copy is idempotent: it only reads the
+store, and the plan proves no destination lies inside the store, so a merge
+killed at any point and re-run from the start ends exact.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .cowtable import CowTable
+from .directio import AlignedBuffer, DirectDevice
+from .exstore import ExceptionTable, read_exception_table
+from .merge_plan import MergePlan, plan_merge
+from .state import CheckpointRecord
+
+#: Test hook: SIGKILL ourselves after this many copy runs, to prove re-runs are exact.
+KILL_AFTER_RUNS_ENV = "FIESNAP_TEST_KILL_AFTER_RUNS"
+MAX_RUN_CHUNKS_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    runs: int
+    chunks: int
+    bytes_copied: int
+    seconds: float
+
+
+def origin_chunks(record: CheckpointRecord) -> int:
+    """Chunks the kernel can address on the origin (a partial last chunk counts)."""
+    return -(-record.device_bytes // record.chunk_bytes)
+
+
+def read_table(cow_node: str, record: CheckpointRecord) -> ExceptionTable:
+    """Read and fully validate the exception table; raises StoreFormatError."""
+    chunk = record.chunk_bytes
+    cow = CowTable.from_dict(record.cow_table)
+    with AlignedBuffer(chunk) as buf, DirectDevice.open(cow_node, write=False) as dev:
+        def read_chunk(n: int) -> bytes:
+            return bytes(dev.read_into(buf, n * chunk, chunk))
+
+        return read_exception_table(
+            read_chunk,
+            cow_chunks=cow.total_chunks,
+            origin_chunks=origin_chunks(record),
+            chunk_bytes=chunk,
+        )
+
+
+def make_plan(table: ExceptionTable, record: CheckpointRecord) -> MergePlan:
+    """Plan the copy; refuses if any destination lies inside the store's own chunks."""
+    cow = CowTable.from_dict(record.cow_table)
+    max_run = max(1, MAX_RUN_CHUNKS_BYTES // record.chunk_bytes)
+    return plan_merge(table, forbidden=cow.store_chunks(), max_run_chunks=max_run)
+
+
+def copy_back(
+    plan: MergePlan,
+    record: CheckpointRecord,
+    cow_node: str,
+    device_path: str,
+    progress: Callable[[int], None] = lambda n: None,
+) -> MergeResult:
+    """Copy every planned run from the store to the device, then fsync the device."""
+    chunk = record.chunk_bytes
+    kill_after = os.environ.get(KILL_AFTER_RUNS_ENV)
+    kill_after_runs = int(kill_after) if kill_after else None
+    largest = max((r.count for r in plan.runs), default=1) * chunk
+    started = time.monotonic()
+    copied = 0
+    with AlignedBuffer(largest) as buf, \
+            DirectDevice.open(cow_node, write=False) as src, \
+            DirectDevice.open(device_path, write=True) as dst:
+        for done, run in enumerate(plan.runs, start=1):
+            dest_off = run.dest_chunk * chunk
+            length = min(run.count * chunk, record.device_bytes - dest_off)
+            if length <= 0:
+                raise OSError(f"planned destination chunk {run.dest_chunk} lies past the device end")
+            src.read_into(buf, run.src_chunk * chunk, length)
+            dst.write_from(buf, dest_off, length)
+            copied += length
+            progress(length)
+            if kill_after_runs is not None and done >= kill_after_runs:
+                os.kill(os.getpid(), signal.SIGKILL)
+        dst.fsync()
+    return MergeResult(len(plan.runs), plan.total_chunks, copied, time.monotonic() - started)

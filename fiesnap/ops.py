@@ -1,0 +1,412 @@
+"""The checkpoint operations: start, status, commit, merge.
+
+Each operation checks everything it can before it changes anything, records
+its phase before each irreversible step, and can be re-run after an
+interruption to finish the job.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+from . import blockdev, fsprobe, mounts, storefile
+from .cowtable import CowTable
+from .errors import (
+    CheckpointNameError,
+    DeviceError,
+    DeviceMapperError,
+    FiesnapError,
+    FilesystemError,
+    NotRootError,
+    RefusedError,
+    StateError,
+    UsageError,
+)
+from .extents import whole_chunks
+from .fsmap import free_space
+from .merge import MergeResult, copy_back, make_plan, read_table
+from .snapstatus import SnapshotUsage, parse_snapshot_status
+from .stack import (
+    StackNames,
+    build_stack,
+    ensure_cow,
+    reload_as_passthrough,
+    remove_if_present,
+    unwind,
+)
+from .state import CheckpointRecord, StateStore, validate_name
+from .units import format_bytes
+
+Log = Callable[[str], None]
+
+DEFAULT_CHUNK_BYTES = 4096
+MIN_CHUNK_BYTES = 4096
+MAX_CHUNK_BYTES = 512 * 1024
+#: header + first metadata area + at least one data chunk, with room to spare.
+MIN_STORE_CHUNKS = 8
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotRootError("fiesnap must run as root (device-mapper, mounts and block devices need it): use sudo")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_chunk_size(chunk_bytes: int) -> int:
+    if chunk_bytes & (chunk_bytes - 1) or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise UsageError(
+            f"invalid chunk size {chunk_bytes} bytes: use a power of two from 4K to 512K (default 4K)"
+        )
+    return chunk_bytes
+
+
+def snapshot_store_type(dm) -> str:
+    """PO (overflow reported as Overflow, not Invalid) needs snapshot target >= 1.15."""
+    version = dm.target_versions().get("snapshot")
+    return "PO" if version is not None and tuple(version) >= (1, 15, 0) else "P"
+
+
+def _mounted_where(major: int, minor: int) -> list[str]:
+    return blockdev.mounts_of(major, minor)
+
+
+# --------------------------------------------------------------------- start
+
+@dataclass(frozen=True)
+class StartRequest:
+    device: str
+    size: int
+    name: str | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> CheckpointRecord:
+    require_root()
+    check_chunk_size(req.chunk_bytes)
+    dev = blockdev.open_block_device(req.device)
+    name = validate_name(req.name or os.path.basename(os.path.realpath(req.device)))
+    where = _mounted_where(dev.major, dev.minor)
+    if where:
+        raise DeviceError(f"{req.device} is mounted on {', '.join(where)}: unmount it first")
+    held = blockdev.holders(dev.major, dev.minor)
+    if held:
+        raise DeviceError(
+            f"{req.device} is in use by {', '.join(held)}: take that device down first"
+        )
+    if req.size < MIN_STORE_CHUNKS * req.chunk_bytes:
+        raise UsageError(
+            f"store size {format_bytes(req.size)} is too small: use at least "
+            f"{format_bytes(MIN_STORE_CHUNKS * req.chunk_bytes)}"
+        )
+    if req.size >= dev.size_bytes:
+        raise UsageError(
+            f"store size {format_bytes(req.size)} is not smaller than {req.device} "
+            f"({format_bytes(dev.size_bytes)}): choose a smaller --size"
+        )
+    fs = fsprobe.probe_device(req.device)
+    if state.device_id() == os.makedev(dev.major, dev.minor):
+        raise StateError(
+            f"the state folder {state.path} lives on {req.device}: set FIESNAP_STATE_DIR to a "
+            "folder on another filesystem"
+        )
+
+    with state.locked():
+        dm = dm_factory()
+        names = StackNames.for_name(name)
+        if state.exists(name):
+            raise CheckpointNameError(
+                f"a checkpoint named {name!r} exists already: pick another --name or end it first"
+            )
+        taken = [n for n in names.all() if dm.info(n) is not None]
+        if taken:
+            raise CheckpointNameError(
+                f"device-mapper device {taken[0]!r} exists already: pick another --name"
+            )
+        store_type = snapshot_store_type(dm)
+        checkpoint_id = uuid.uuid4().hex
+        store_name = f"store-{name}-{checkpoint_id[:8]}"
+
+        # Create the store file and read the checkpoint-time free-space map on a
+        # private mount; unmounting flushes everything, so the device content at
+        # this point is the checkpoint.
+        with mounts.private_mount(req.device, fs.fstype) as mnt:
+            fsprobe.check_statfs(mnt)
+            created = storefile.create_store_file(mnt, store_name, req.size)
+            try:
+                free = free_space(mnt)
+            except BaseException:
+                storefile.remove_store_file(mnt, created.relpath)
+                raise
+        log(f"created store file /{created.relpath} ({format_bytes(req.size)}, "
+            f"{len(created.extents)} extents)")
+
+        record: CheckpointRecord | None = None
+        try:
+            runs = whole_chunks(created.extents, req.chunk_bytes)
+            cow = CowTable.from_runs(runs, req.chunk_bytes)
+            if cow.total_chunks < MIN_STORE_CHUNKS:
+                raise FilesystemError(
+                    f"the store file has only {cow.total_chunks} whole {req.chunk_bytes}-byte "
+                    "chunks: the filesystem is too fragmented; choose a larger --size or a "
+                    "smaller --chunk-size"
+                )
+            record = CheckpointRecord(
+                name=name,
+                checkpoint_id=checkpoint_id,
+                device=os.path.realpath(req.device),
+                device_major=dev.major,
+                device_minor=dev.minor,
+                device_bytes=dev.size_bytes,
+                fstype=fs.fstype,
+                fs_uuid=fs.uuid,
+                chunk_bytes=req.chunk_bytes,
+                store_type=store_type,
+                store_relpath=created.relpath,
+                store_file_bytes=created.size,
+                store_extents=[[e.logical, e.physical, e.length, e.flags] for e in created.extents],
+                cow_table=cow.to_dict(),
+                free_map=[[s, n] for s, n in free],
+                created=_now(),
+                phase="starting",
+            )
+            state.save(record)
+            build_stack(dm, record, zero_header=True, log=log)
+            record.phase = "active"
+            state.save(record)
+        except BaseException:
+            _discard_store(req.device, fs.fstype, created.relpath, log)
+            if record is not None:
+                state.delete(name)
+            raise
+        log(f"checkpoint {name!r} active: mount /dev/mapper/{name}")
+        return record
+
+
+def _discard_store(device: str, fstype: str, relpath: str, log: Log) -> None:
+    with mounts.private_mount(device, fstype) as mnt:
+        storefile.remove_store_file(mnt, relpath)
+    log(f"removed store file /{relpath}")
+
+
+# --------------------------------------------------------------------- status
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    record: CheckpointRecord
+    state: str
+    usage: SnapshotUsage | None
+    mounted_on: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        r = self.record
+        cow = CowTable.from_dict(r.cow_table)
+        store_bytes = cow.total_chunks * r.chunk_bytes
+        u = self.usage
+        return {
+            "name": r.name,
+            "state": self.state,
+            "phase": r.phase,
+            "device": r.device,
+            "fstype": r.fstype,
+            "store_file": "/" + r.store_relpath,
+            "store_bytes": store_bytes,
+            "used_bytes": u.used_bytes if u else None,
+            "metadata_bytes": u.metadata_bytes if u else None,
+            "percent_used": u.percent_used if u else None,
+            "chunk_bytes": r.chunk_bytes,
+            "extents": len(r.store_extents),
+            "segments": len(cow.segments),
+            "store_type": r.store_type,
+            "start_time": r.created,
+            "mounted_on": list(self.mounted_on),
+            "checkpoint_id": r.checkpoint_id,
+        }
+
+
+def status(dm_factory, state: StateStore, name: str | None) -> list[CheckpointStatus]:
+    require_root()
+    records = [state.load(name)] if name else state.load_all()
+    if not records:
+        return []
+    dm = dm_factory()
+    out = []
+    for r in records:
+        names = StackNames.for_name(r.name)
+        usage = None
+        if r.phase == "passthrough":
+            st = "passthrough"
+        elif r.phase != "active":
+            st = r.phase
+        elif dm.info(names.snap) is None:
+            st = "inactive"
+        else:
+            lines = dm.status(names.snap)
+            usage = parse_snapshot_status(lines[0][3] if lines else "Invalid")
+            st = usage.state
+        origin = dm.info(names.origin)
+        mounted = tuple(_mounted_where(origin.major, origin.minor)) if origin else ()
+        out.append(CheckpointStatus(r, st, usage, mounted))
+    return out
+
+
+# --------------------------------------------------------------------- commit
+
+def commit(name: str, dm_factory, state: StateStore, log: Log) -> str:
+    """End the checkpoint keeping every change. Returns "passthrough" or "removed"."""
+    require_root()
+    with state.locked():
+        record = state.load(name)
+        dm = dm_factory()
+        names = StackNames.for_name(name)
+        if record.phase in ("merging", "copied"):
+            raise RefusedError(
+                f"a rollback of {name!r} is under way: run 'fiesnap merge {name}' to finish it"
+            )
+        origin = dm.info(names.origin)
+        mounted = _mounted_where(origin.major, origin.minor) if origin else []
+        if record.phase == "passthrough":
+            if mounted:
+                raise RefusedError(
+                    f"{name!r} is a plain pass-through mounted on {mounted[0]}: nothing to commit; "
+                    "unmount it and run commit again to remove the device"
+                )
+            remove_if_present(dm, names.origin)
+            state.delete(name)
+            log(f"removed pass-through /dev/mapper/{name}")
+            return "removed"
+
+        if record.phase != "committing":
+            record.phase = "committing"
+            state.save(record)
+        if mounted:
+            root = _mount_root(mounted)
+            reload_as_passthrough(dm, record)
+            log(f"/dev/mapper/{name} is now a plain pass-through; still mounted on {root}")
+            remove_if_present(dm, names.snap)
+            remove_if_present(dm, names.cow)
+            storefile.remove_store_file(root, record.store_relpath)
+            log(f"removed store file {root.rstrip('/')}/{record.store_relpath}")
+            record.phase = "passthrough"
+            state.save(record)
+            return "passthrough"
+        if origin is not None and origin.open_count:
+            raise DeviceError(
+                f"/dev/mapper/{name} is open by another program: close it and run commit again"
+            )
+        remove_if_present(dm, names.origin)
+        remove_if_present(dm, names.snap)
+        remove_if_present(dm, names.cow)
+        _discard_store(record.device, record.fstype, record.store_relpath, log)
+        state.delete(name)
+        log(f"checkpoint {name!r} committed; {record.device} holds the current data")
+        return "removed"
+
+
+def _mount_root(mountpoints: list[str]) -> str:
+    # Any of them shows the same filesystem; the store path is relative to the fs root,
+    # which is the mount root for a plain mount (bind mounts of subfolders are not).
+    for mp in mountpoints:
+        if os.path.isdir(os.path.join(mp, storefile.STORE_DIR)):
+            return mp
+    raise FilesystemError(
+        f"cannot find {storefile.STORE_DIR}/ under {', '.join(mountpoints)}: mount the "
+        "filesystem's root, not a subfolder"
+    )
+
+
+# --------------------------------------------------------------------- merge
+
+def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: bool = False,
+          progress_factory=None) -> MergeResult | None:
+    """Roll back to the checkpoint. Safe to re-run after an interruption."""
+    require_root()
+    with state.locked():
+        record = state.load(name)
+        dm = dm_factory()
+        names = StackNames.for_name(name)
+        if record.phase == "starting":
+            raise RefusedError(
+                f"checkpoint {name!r} never finished starting: nothing to roll back; "
+                f"run 'fiesnap commit {name}' to clean up"
+            )
+        if record.phase in ("committing", "passthrough"):
+            raise RefusedError(
+                f"checkpoint {name!r} was committed: there is nothing to roll back"
+            )
+        where = _mounted_where(record.device_major, record.device_minor)
+        for n in names.all():
+            info = dm.info(n)
+            if info is not None:
+                where += _mounted_where(info.major, info.minor)
+        if where:
+            raise RefusedError(
+                f"the filesystem is mounted on {', '.join(where)}: unmount it, then run merge again"
+            )
+        result = None
+        if record.phase == "active":
+            _precheck_merge(dm, record, names)
+            origin = dm.info(names.origin)
+            if origin is not None and origin.open_count:
+                raise DeviceError(
+                    f"/dev/mapper/{name} is open by another program: close it and run merge again"
+                )
+            record.phase = "merging"
+            state.save(record)
+        if record.phase == "merging":
+            # Origin first: once it is gone nothing can write to the device, and
+            # removing the snapshot afterwards cannot let an unsaved write through.
+            remove_if_present(dm, names.origin)
+            remove_if_present(dm, names.snap)
+            cow_node = ensure_cow(dm, record)
+            table = read_table(cow_node, record)
+            plan = make_plan(table, record)
+            log(f"merging {len(table.entries)} chunks in {len(plan.runs)} runs "
+                f"({plan.total_bytes} bytes) onto {record.device}")
+            progress = progress_factory(plan.total_bytes) if progress_factory else None
+            try:
+                result = copy_back(plan, record, cow_node, record.device,
+                                   progress=progress.advance if progress else (lambda n: None))
+            finally:
+                if progress:
+                    progress.close()
+            record.phase = "copied"
+            state.save(record)
+        if record.phase == "copied":
+            remove_if_present(dm, names.cow)
+            if keep_store:
+                log(f"kept the store file /{record.store_relpath} (immutable; "
+                    "chattr -i it before deleting)")
+            else:
+                _discard_store(record.device, record.fstype, record.store_relpath, log)
+            state.delete(name)
+            log(f"rolled {record.device} back to checkpoint {name!r} of {record.created}")
+        return result
+
+
+def _precheck_merge(dm, record: CheckpointRecord, names: StackNames) -> None:
+    """Refuse before changing anything: invalid/overflowed snapshot, unreadable store."""
+    snap = dm.info(names.snap)
+    if snap is not None:
+        lines = dm.status(names.snap)
+        usage = parse_snapshot_status(lines[0][3] if lines else "Invalid")
+        if usage.state != "active":
+            raise RefusedError(
+                f"checkpoint {record.name!r} is {usage.state}: the store did not keep every "
+                f"change, so a rollback is impossible; 'fiesnap commit {record.name}' keeps "
+                "the current data"
+            )
+    created_cow = dm.info(names.cow) is None
+    cow_node = ensure_cow(dm, record)
+    try:
+        table = read_table(cow_node, record)
+        make_plan(table, record)
+    finally:
+        if created_cow:
+            remove_if_present(dm, names.cow)

@@ -1,0 +1,42 @@
+"""Parse the dm-snapshot status line (pure).
+
+The kernel reports `<allocated>/<total> <metadata>` in sectors (allocated
+includes the header and metadata chunks), or `Invalid`, `Overflow` (store type
+PO, target >= 1.15) or `Merge failed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SECTOR = 512
+
+
+@dataclass(frozen=True)
+class SnapshotUsage:
+    state: str  # "active", "overflowed", "invalid", "merge-failed"
+    used_bytes: int | None = None
+    total_bytes: int | None = None
+    metadata_bytes: int | None = None
+
+    @property
+    def percent_used(self) -> float | None:
+        if self.used_bytes is None or not self.total_bytes:
+            return None
+        return round(100.0 * self.used_bytes / self.total_bytes, 2)
+
+
+def parse_snapshot_status(params: str) -> SnapshotUsage:
+    text = params.strip()
+    if text == "Invalid":
+        return SnapshotUsage("invalid")
+    if text == "Overflow":
+        return SnapshotUsage("overflowed")
+    if text == "Merge failed":
+        return SnapshotUsage("merge-failed")
+    try:
+        ratio, meta = text.split()
+        used, total = ratio.split("/")
+        return SnapshotUsage("active", int(used) * SECTOR, int(total) * SECTOR, int(meta) * SECTOR)
+    except ValueError:
+        raise ValueError(f"unrecognised snapshot status {text!r}") from None

@@ -1,0 +1,162 @@
+"""Assemble and take down the dm stack of one checkpoint, in the proven order.
+
+    NAME       snapshot-origin DEVICE          the device users mount
+    NAME-snap  snapshot DEVICE NAME-cow PO N   read-only checkpoint view
+    NAME-cow   linear segments of DEVICE       the store file's whole chunks
+
+Order matters, and each step guards against a measured trap:
+
+1. map the store (`NAME-cow`) straight onto DEVICE, never through the origin,
+   so store writes are not copied again;
+2. zero the header chunk through `NAME-cow`: the store's blocks hold old data
+   and a leftover valid header would make the kernel load stale exceptions;
+3. load and resume the snapshot;
+4. only then resume the origin: snapshot-origin computes the size at which it
+   splits writes when it resumes, from the snapshots that exist then. Resumed
+   earlier, a 1 MiB write would save only its first chunk.
+
+Any failure removes every device this call created, newest first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .cowtable import CowTable
+from .directio import zero_range
+from .dmtable import DmTarget, linear, snapshot, snapshot_origin
+from .errors import DeviceMapperError, FiesnapError
+from .state import CheckpointRecord
+
+SECTOR = 512
+
+# libdevmapper udev flags (libdevmapper.h, DM_UDEV_*).
+UDEV_DISABLE_SUBSYSTEM_RULES = 0x02
+UDEV_DISABLE_DISK_RULES = 0x04
+UDEV_DISABLE_OTHER_RULES = 0x08
+UDEV_LOW_PRIORITY = 0x10
+#: Private layers: no probing, no /dev/disk links, no auto-mount (as lvm2 does for -cow).
+HIDDEN = UDEV_DISABLE_SUBSYSTEM_RULES | UDEV_DISABLE_DISK_RULES | UDEV_DISABLE_OTHER_RULES
+#: The checkpoint view carries the same filesystem UUID as the origin: never let
+#: udev link or mount it.
+CHECKPOINT_VIEW = HIDDEN | UDEV_LOW_PRIORITY
+
+
+@dataclass(frozen=True)
+class StackNames:
+    origin: str
+    snap: str
+    cow: str
+
+    @classmethod
+    def for_name(cls, name: str) -> "StackNames":
+        return cls(origin=name, snap=f"{name}-snap", cow=f"{name}-cow")
+
+    def all(self) -> tuple[str, str, str]:
+        return (self.origin, self.snap, self.cow)
+
+
+def dm_uuid(checkpoint_id: str, role: str) -> str:
+    return f"FIESNAP-{checkpoint_id}-{role}"
+
+
+def cow_table_of(record: CheckpointRecord) -> CowTable:
+    return CowTable.from_dict(record.cow_table)
+
+
+def cow_targets(record: CheckpointRecord) -> list[DmTarget]:
+    return cow_table_of(record).dm_targets(record.device_string)
+
+
+def snapshot_targets(record: CheckpointRecord, cow_dev: str) -> list[DmTarget]:
+    return [
+        snapshot(
+            record.device_bytes // SECTOR,
+            record.device_string,
+            cow_dev,
+            record.store_type,
+            record.chunk_bytes // SECTOR,
+        )
+    ]
+
+
+def origin_targets(record: CheckpointRecord) -> list[DmTarget]:
+    return [snapshot_origin(record.device_bytes // SECTOR, record.device_string)]
+
+
+def passthrough_targets(record: CheckpointRecord) -> list[DmTarget]:
+    return [linear(0, record.device_bytes // SECTOR, record.device_string, 0)]
+
+
+def build_stack(dm, record: CheckpointRecord, *, zero_header: bool,
+                log: Callable[[str], None] = lambda s: None) -> None:
+    """Create cow -> (zero header) -> snapshot -> origin; unwind everything on failure.
+
+    `zero_header` is True only when the checkpoint starts: rebuilding an existing
+    checkpoint must never wipe its store.
+    """
+    names = StackNames.for_name(record.name)
+    created: list[str] = []
+    try:
+        cow = dm.create(names.cow, uuid=dm_uuid(record.checkpoint_id, "cow"),
+                        targets=cow_targets(record), udev_flags=HIDDEN)
+        created.append(names.cow)
+        log(f"mapped store as {names.cow} ({cow.major}:{cow.minor})")
+        if zero_header:
+            zero_range(dm.node_path(names.cow), 0, record.chunk_bytes)
+            log("zeroed the store header chunk through the COW device")
+        snap = dm.create(names.snap, uuid=dm_uuid(record.checkpoint_id, "snap"),
+                         targets=snapshot_targets(record, f"{cow.major}:{cow.minor}"),
+                         read_only=True, udev_flags=CHECKPOINT_VIEW)
+        created.append(names.snap)
+        log(f"loaded snapshot {names.snap} ({snap.major}:{snap.minor})")
+        dm.create(names.origin, uuid=dm_uuid(record.checkpoint_id, "origin"),
+                  targets=origin_targets(record))
+        created.append(names.origin)
+        log(f"resumed origin {names.origin} after its snapshot exists")
+    except BaseException as e:
+        unwind(dm, created)
+        if isinstance(e, OSError):
+            raise DeviceMapperError(f"building the checkpoint stack failed: {e}") from e
+        raise
+
+
+def unwind(dm, created: list[str]) -> list[str]:
+    """Remove devices newest first; return the names that could not be removed."""
+    left = []
+    for name in reversed(created):
+        try:
+            dm.remove(name)
+        except FiesnapError:
+            left.append(name)
+    return left
+
+
+def remove_if_present(dm, name: str) -> None:
+    if dm.info(name) is not None:
+        dm.remove(name)
+
+
+def ensure_cow(dm, record: CheckpointRecord) -> str:
+    """The store device, recreated from the record if missing (never zeroed). Returns its node."""
+    names = StackNames.for_name(record.name)
+    info = dm.info(names.cow)
+    if info is None:
+        dm.create(names.cow, uuid=dm_uuid(record.checkpoint_id, "cow"),
+                  targets=cow_targets(record), udev_flags=HIDDEN)
+    else:
+        if dm.table(names.cow) != cow_targets(record):
+            raise DeviceMapperError(
+                f"{names.cow} exists but its table differs from the record: "
+                "remove it or check that the right checkpoint record is in use"
+            )
+    return dm.node_path(names.cow)
+
+
+def reload_as_passthrough(dm, record: CheckpointRecord) -> None:
+    """Turn a live origin into a plain linear device without unmounting: load, suspend, resume."""
+    name = record.name
+    dm.load(name, passthrough_targets(record))
+    dm.suspend(name, lockfs=True)
+    dm.resume(name)

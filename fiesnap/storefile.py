@@ -1,0 +1,331 @@
+"""The preallocated file whose blocks hold a checkpoint's COW store.
+
+The store is written through a dm-linear device mapped onto the file's
+physical extents, behind the filesystem's back. That is only safe while the
+filesystem never moves, frees or shares those blocks, so the file is:
+fully allocated (fallocate, not sparse), immutable (no truncate, unlink,
+write or reflink), in a root-only directory, and its extents are read twice
+around setting the immutable flag to prove they held still.
+
+FS_IOC_GETFLAGS/SETFLAGS = _IOR/_IOW('f', 1/2, long) = 0x80086601/0x40086602
+(include/uapi/linux/fs.h), but the kernel reads and writes an unsigned int
+(fs/ioctl.c ioctl_getflags/ioctl_setflags), so the buffer is 4 bytes.
+FS_IMMUTABLE_FL = 0x10.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from fiesnap.errors import FiesnapError, FilesystemError, NotRootError, RefusedError, UsageError
+from fiesnap.extents import Extent
+from fiesnap.fiemap import file_extents
+from fiesnap.fsprobe import check_statfs
+
+STORE_DIR = ".fiesnap"
+STORE_DIR_MODE = 0o700
+STORE_FILE_MODE = 0o600
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x00000010
+
+# Free space kept back when sizing a store: the filesystem needs room for the
+# store's own extent-tree blocks, and a checkpointed filesystem that is
+# completely full is a bad place to be. 1% of the filesystem, at least 16 MiB.
+MIN_MARGIN_BYTES = 16 << 20
+MARGIN_FRACTION = 100
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class StoreFile:
+    """A store file: `relpath` is relative to the filesystem root; extents in bytes."""
+
+    relpath: str
+    size: int
+    extents: tuple[Extent, ...]
+
+
+def _human(n: int) -> str:
+    if abs(n) >= 1 << 30:
+        return f"{n / (1 << 30):.1f} GiB"
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def space_margin(fs_bytes: int) -> int:
+    """Bytes to leave free on a filesystem of `fs_bytes` bytes (see MIN_MARGIN_BYTES)."""
+    return max(MIN_MARGIN_BYTES, fs_bytes // MARGIN_FRACTION)
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise UsageError(f"bad store file name {name!r}: use a plain file name without '/'")
+
+
+def _name_of(relpath: str) -> str:
+    parts = relpath.split("/")
+    if len(parts) != 2 or parts[0] != STORE_DIR:
+        raise RefusedError(f"store path {relpath!r} is not inside {STORE_DIR}/: the recorded state is corrupt")
+    _check_name(parts[1])
+    return parts[1]
+
+
+def _flags_error(e: OSError) -> FiesnapError:
+    if e.errno == errno.EPERM:
+        return NotRootError("changing the immutable flag needs CAP_LINUX_IMMUTABLE: run fiesnap as root")
+    if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
+        return FilesystemError("the filesystem has no immutable flag: fiesnap needs ext4 or XFS")
+    return FilesystemError(f"cannot read or change inode flags: {os.strerror(e.errno or 0)}; check dmesg")
+
+
+def _get_flags(fd: int) -> int:
+    try:
+        return struct.unpack("=I", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(4)))[0]
+    except OSError as e:
+        raise _flags_error(e) from e
+
+
+def set_immutable(fd: int, on: bool) -> None:
+    """Set or clear FS_IMMUTABLE_FL on the open file `fd`, keeping its other flags."""
+    flags = _get_flags(fd)
+    new = flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL
+    if new != flags:
+        try:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("=I", new))
+        except OSError as e:
+            raise _flags_error(e) from e
+
+
+def is_immutable(fd: int) -> bool:
+    """Whether FS_IMMUTABLE_FL is set on the open file `fd`."""
+    return bool(_get_flags(fd) & FS_IMMUTABLE_FL)
+
+
+def _open_root(mountpoint: str) -> int:
+    if not os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is not a mount point: give the root of the filesystem")
+    try:
+        return os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise FilesystemError(f"cannot open {mountpoint}: {os.strerror(e.errno or 0)}; check the path") from e
+
+
+def _open_store_dir(root_fd: int, mountpoint: str, *, fix_mode: bool = False) -> int:
+    """Open STORE_DIR under `root_fd` and check nobody but root could have touched it.
+
+    `fix_mode` is for a directory we just created: mkdir's mode went through the umask.
+    """
+    where = os.path.join(mountpoint, STORE_DIR)
+    try:
+        fd = os.open(STORE_DIR, _O_DIR, dir_fd=root_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise RefusedError(f"{where} is not a real directory: move it away and retry") from e
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise FilesystemError(f"cannot open {where}: {os.strerror(e.errno or 0)}; check dmesg") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode) or st.st_dev != os.fstat(root_fd).st_dev:
+            raise RefusedError(f"{where} is not a directory of this filesystem: unmount or move it and retry")
+        if fix_mode and st.st_uid == 0:
+            os.fchmod(fd, STORE_DIR_MODE)
+            st = os.fstat(fd)
+        if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != STORE_DIR_MODE:
+            raise RefusedError(
+                f"{where} is not owned by root with mode 0700: someone else may have touched it; "
+                "inspect it, then fix with chown root: and chmod 0700"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_space(root_fd: int, mountpoint: str, size: int) -> int:
+    """Refuse a store that would eat into the margin; return the usable bytes."""
+    sv = os.statvfs(root_fd)
+    avail = sv.f_bavail * sv.f_frsize
+    usable = max(0, avail - space_margin(sv.f_blocks * sv.f_frsize))
+    if size > usable:
+        raise FilesystemError(_no_space_message(mountpoint, size, usable))
+    return usable
+
+
+def _no_space_message(mountpoint: str, size: int, usable: int) -> str:
+    return f"not enough free space on {mountpoint}: need {_human(size)}, have {_human(usable)}; choose a smaller --size"
+
+
+def _discard(fd: int, dir_fd: int, name: str) -> list[str]:
+    """Remove a half-made store file we created; return what went wrong, if anything."""
+    problems = []
+    try:
+        set_immutable(fd, False)
+    except Exception as e:
+        problems.append(str(e))
+    try:
+        if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+            os.unlink(name, dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        else:
+            problems.append(f"the partial store file {name} was replaced by another file: left it alone")
+    except OSError as e:
+        problems.append(f"cannot remove the partial store file {name}: {os.strerror(e.errno or 0)}")
+    return problems
+
+
+def _create_in(dir_fd: int, mountpoint: str, name: str, size: int, usable: int) -> StoreFile:
+    where = os.path.join(mountpoint, STORE_DIR, name)
+    flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, STORE_FILE_MODE, dir_fd=dir_fd)
+    except FileExistsError:
+        raise RefusedError(f"{where} already exists: choose another name or remove the stale store first") from None
+    try:
+        os.fchmod(fd, STORE_FILE_MODE)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FilesystemError(_no_space_message(mountpoint, size, usable)) from e
+            if e.errno == errno.EFBIG:
+                raise FilesystemError(
+                    f"{_human(size)} is too large for one file on {mountpoint}: choose a smaller --size"
+                ) from e
+            raise FilesystemError(f"cannot allocate {where}: {os.strerror(e.errno or 0)}; check dmesg") from e
+        os.fsync(fd)
+        before = file_extents(fd)
+        set_immutable(fd, True)
+        os.fsync(fd)
+        after = file_extents(fd)
+        if before != after:
+            raise FilesystemError(f"the extents of {where} changed while it was being created: retry")
+        if os.fstat(fd).st_size != size:
+            raise FilesystemError(f"{where} has the wrong size after fallocate: check dmesg")
+        os.fsync(dir_fd)
+        return StoreFile(f"{STORE_DIR}/{name}", size, tuple(after))
+    except BaseException as e:
+        for problem in _discard(fd, dir_fd, name):
+            e.add_note(problem)
+        raise
+    finally:
+        os.close(fd)
+
+
+def create_store_file(mountpoint: str, file_name: str, size: int) -> StoreFile:
+    """Create, fully allocate and freeze `.fiesnap/<file_name>` of `size` bytes on the mounted fs.
+
+    Nothing is left behind on failure: the half-made file (and a
+    `.fiesnap` directory created for it) are removed before re-raising.
+    """
+    _check_name(file_name)
+    if size <= 0 or size % 512:
+        raise UsageError(f"store size {size} is not a positive multiple of 512 bytes: choose another --size")
+    check_statfs(mountpoint)
+    root_fd = _open_root(mountpoint)
+    try:
+        usable = _check_space(root_fd, mountpoint, size)
+        created_dir = False
+        try:
+            os.mkdir(STORE_DIR, STORE_DIR_MODE, dir_fd=root_fd)
+            created_dir = True
+        except FileExistsError:
+            pass
+        dir_fd = -1
+        try:
+            dir_fd = _open_store_dir(root_fd, mountpoint, fix_mode=created_dir)
+            if created_dir:
+                os.fsync(root_fd)
+            return _create_in(dir_fd, mountpoint, file_name, size, usable)
+        except BaseException:
+            if created_dir:
+                _remove_dir_if_empty(root_fd)
+            raise
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+    finally:
+        os.close(root_fd)
+
+
+def _remove_dir_if_empty(root_fd: int) -> None:
+    try:
+        os.rmdir(STORE_DIR, dir_fd=root_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            return
+        raise
+    os.fsync(root_fd)
+
+
+def store_extents(mountpoint: str, relpath: str) -> tuple[Extent, ...]:
+    """Re-read the store file's validated extents, e.g. to check they still match the recorded ones."""
+    name = _name_of(relpath)
+    root_fd = _open_root(mountpoint)
+    try:
+        dir_fd = _open_store_dir(root_fd, mountpoint)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise RefusedError(
+                f"store file {os.path.join(mountpoint, relpath)} is missing: the checkpoint is lost"
+            ) from None
+        finally:
+            os.close(dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RefusedError(f"{os.path.join(mountpoint, relpath)} is not a regular file: refusing to use it")
+            return tuple(file_extents(fd))
+        finally:
+            os.close(fd)
+    finally:
+        os.close(root_fd)
+
+
+def remove_store_file(mountpoint: str, relpath: str) -> None:
+    """Delete the store file and, if then empty, `.fiesnap`. Already gone is fine (idempotent)."""
+    name = _name_of(relpath)
+    where = os.path.join(mountpoint, relpath)
+    root_fd = _open_root(mountpoint)
+    try:
+        try:
+            dir_fd = _open_store_dir(root_fd, mountpoint)
+        except FileNotFoundError:
+            return
+        try:
+            _unlink_store(dir_fd, name, where)
+        finally:
+            os.close(dir_fd)
+        _remove_dir_if_empty(root_fd)
+    finally:
+        os.close(root_fd)
+
+
+def _unlink_store(dir_fd: int, name: str, where: str) -> None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RefusedError(f"{where} is a symlink, not a store file: inspect and remove it by hand") from e
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RefusedError(f"{where} is not a regular file: inspect and remove it by hand")
+        set_immutable(fd, False)
+        if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino != st.st_ino:
+            raise RefusedError(f"{where} was replaced while being removed: inspect it by hand")
+        os.unlink(name, dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,149 @@
+"""Every bad input: a distinct exit code, a one-line message, and nothing changed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+
+import pytest
+
+from . import scenario as sc
+from .test_checkpoint import lab  # noqa: F401  (fixture)
+from .helpers import make_fs
+
+MiB = sc.MiB
+USAGE, NOT_ROOT, DEVICE, FILESYSTEM, NAME, REFUSED, STORE_FORMAT = 2, 3, 4, 5, 6, 7, 8
+
+
+def world(lab, with_image=True):
+    """What a failed command must not change: dm devices, state records, the device bytes."""
+    names = sorted(sc.sh("dmsetup", "ls").stdout.split()[::2]) if True else []
+    state = {}
+    if os.path.isdir(lab.state):
+        for f in sorted(os.listdir(lab.state)):
+            if f.endswith(".json"):
+                with open(os.path.join(lab.state, f)) as fh:
+                    state[f] = fh.read()
+    image = sc.device_image_digest(lab.disk) if with_image else None
+    return names, state, image
+
+
+def refused(lab, args, code, needle, *, env=None, with_image=True, argv_prefix=()):
+    before = world(lab, with_image)
+    p = lab.fiesnap(*args, check=False, env=env) if not argv_prefix else sc.sh(
+        *argv_prefix, *lab_cmd(lab, args), check=False, env=env)
+    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
+    assert len(lines) == 1, f"expected a one-line error, got: {p.stderr!r}"
+    assert lines[0].startswith("fiesnap: error: "), lines[0]
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in p.stderr
+    assert world(lab, with_image) == before, "a refused command changed something"
+    return lines[0]
+
+
+def lab_cmd(lab, args):
+    import sys
+    return [sys.executable, "-m", "fiesnap", *args]
+
+
+def test_not_root(lab):
+    make_fs(lab.disk, "ext4-4k")
+    env = dict(os.environ, FIESNAP_STATE_DIR=lab.state)
+    refused(lab, ["start", lab.disk, "--size", "16M"], NOT_ROOT, "must run as root", env=env,
+            argv_prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
+
+
+def test_missing_and_non_block_device(lab):
+    refused(lab, ["start", "/dev/does-not-exist", "--size", "16M"], DEVICE, "does-not-exist")
+    refused(lab, ["start", "/etc/hostname", "--size", "16M"], DEVICE, "not a block device")
+
+
+def test_mounted_device_says_where(lab):
+    make_fs(lab.disk, "ext4-4k")
+    lab.mount(lab.disk)
+    try:
+        refused(lab, ["start", lab.disk, "--size", "16M"], DEVICE, lab.mnt, with_image=False)
+    finally:
+        lab.umount()
+
+
+def test_no_filesystem_and_unsupported_filesystem(lab):
+    sc.write_raw(lab.disk, 0, bytes(MiB))
+    refused(lab, ["start", lab.disk, "--size", "16M"], FILESYSTEM, "ext4 or XFS")
+    if shutil.which("mkfs.vfat"):
+        sc.sh("mkfs.vfat", lab.disk)
+        refused(lab, ["start", lab.disk, "--size", "16M"], FILESYSTEM, "ext4 or XFS")
+
+
+def test_bad_sizes(lab):
+    make_fs(lab.disk, "ext4-4k")
+    refused(lab, ["start", lab.disk, "--size", "12XB"], USAGE, "--size")
+    refused(lab, ["start", lab.disk, "--size", "-5M"], USAGE, "--size")
+    refused(lab, ["start", lab.disk, "--size", "16M", "--chunk-size", "3K"], USAGE, "chunk size")
+    refused(lab, ["start", lab.disk, "--size", "100G"], USAGE, "smaller --size")
+    # Smaller than the device but more than the filesystem has free.
+    disk_bytes = int(sc.sh("blockdev", "--getsize64", lab.disk).stdout)
+    refused(lab, ["start", lab.disk, "--size", str(disk_bytes - 4 * MiB)], FILESYSTEM, "free space")
+
+
+def test_bad_and_taken_names(lab):
+    make_fs(lab.disk, "ext4-4k")
+    refused(lab, ["start", lab.disk, "--size", "16M", "--name", "../x"], USAGE, "invalid name")
+    refused(lab, ["start", lab.disk, "--size", "16M", "--name", "a-cow"], USAGE, "invalid name")
+    sc.sh("dmsetup", "create", "taken", "--table", "0 8 zero")
+    try:
+        refused(lab, ["start", lab.disk, "--size", "16M", "--name", "taken"], NAME, "exists")
+    finally:
+        sc.sh("dmsetup", "remove", "taken")
+
+
+def test_unknown_name(lab):
+    for cmd in (["merge", "nope"], ["commit", "nope"], ["status", "nope"], ["rollback", "nope"]):
+        refused(lab, cmd, NAME, "no checkpoint named 'nope'", with_image=False)
+
+
+def test_merge_while_mounted(lab):
+    make_fs(lab.disk, "ext4-4k")
+    lab.fiesnap("start", lab.disk, "--size", "16M", "--name", "cp")
+    lab.mount("/dev/mapper/cp")
+    try:
+        refused(lab, ["merge", "cp"], REFUSED, "unmount", with_image=False)
+    finally:
+        lab.umount()
+    lab.fiesnap("commit", "cp")
+
+
+def test_store_header_not_valid(lab):
+    make_fs(lab.disk, "ext4-4k")
+    lab.mount(lab.disk)
+    sc.populate(lab.mnt)
+    lab.umount()
+    lab.fiesnap("start", lab.disk, "--size", "16M", "--name", "cp")
+    lab.mount("/dev/mapper/cp")
+    sc.churn(lab.mnt)
+    lab.umount()
+    # Corrupt the magic through the store device itself.
+    head = bytearray(sc.read_raw("/dev/mapper/cp-cow", 0, 4096))
+    head[0:4] = struct.pack("<I", 0xDEADBEEF)
+    sc.write_raw("/dev/mapper/cp-cow", 0, bytes(head))
+    refused(lab, ["merge", "cp"], STORE_FORMAT, "rollback")
+    assert lab.status("cp")["phase"] == "active"
+    lab.fiesnap("commit", "cp")
+
+
+def test_overflowed_checkpoint_refuses_merge_but_commits(lab):
+    make_fs(lab.disk, "ext4-4k")
+    lab.mount(lab.disk)
+    sc.populate(lab.mnt)
+    lab.umount()
+    lab.fiesnap("start", lab.disk, "--size", "256K", "--name", "cp")
+    lab.mount("/dev/mapper/cp")
+    sc.sh("dd", "if=/dev/urandom", f"of={lab.mnt}/data/big0.bin", "bs=1M", "count=2", "conv=notrunc",
+          "oflag=direct", check=False)
+    lab.umount()
+    assert lab.status("cp")["state"] in ("overflowed", "invalid")
+    refused(lab, ["merge", "cp"], REFUSED, "commit", with_image=False)
+    lab.fiesnap("commit", "cp")
+    assert not os.path.exists("/dev/mapper/cp")
