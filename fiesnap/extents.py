@@ -10,7 +10,25 @@ data with it).
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from fiesnap.errors import FilesystemError
+
+# Second line of defence behind fiemap.py (which allows only LAST and
+# UNWRITTEN): FIEMAP extent flags (linux/fiemap.h) under which `physical` is
+# not a private run of device blocks owned by this file alone. Writing the
+# store through such an extent would land on the wrong blocks (UNKNOWN 0x2,
+# DELALLOC 0x4: no address yet; NOT_ALIGNED 0x100, DATA_INLINE 0x200,
+# DATA_TAIL 0x400: metadata blocks) or on another file's data (SHARED 0x2000:
+# reflink; ENCODED 0x8). whole_chunks refuses them even if a caller forgot.
+UNSAFE_EXTENT_FLAGS = 0x2 | 0x4 | 0x8 | 0x100 | 0x200 | 0x400 | 0x2000
+
+SECTOR_BYTES = 512
+# dm-exception-store.c rejects chunk_size (sectors) > INT_MAX >> SECTOR_SHIFT;
+# the largest power of two it accepts is 2**21 sectors.
+MAX_CHUNK_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -33,3 +51,162 @@ class ChunkRun:
     @property
     def end(self) -> int:
         return self.start + self.count
+
+
+def is_valid_chunk_bytes(chunk_bytes: object) -> bool:
+    """True for the chunk sizes dm-snapshot accepts: powers of two, 512 B..1 GiB."""
+    return (
+        isinstance(chunk_bytes, int)
+        and not isinstance(chunk_bytes, bool)
+        and SECTOR_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES
+        and chunk_bytes & (chunk_bytes - 1) == 0
+    )
+
+
+def require_chunk_bytes(chunk_bytes: int) -> int:
+    """Return chunk_bytes, or raise ValueError: a bad chunk size here is a bug
+    (user input is validated, with a UsageError, before it gets this far)."""
+    if not is_valid_chunk_bytes(chunk_bytes):
+        raise ValueError(
+            f"chunk size {chunk_bytes!r} is not a power of two between "
+            f"{SECTOR_BYTES} and {MAX_CHUNK_BYTES} bytes"
+        )
+    return chunk_bytes
+
+
+def whole_chunks(extents: Iterable[Extent], chunk_bytes: int) -> list[ChunkRun]:
+    """The physical chunks lying entirely inside the extents, in file order.
+
+    Each extent is trimmed inward to chunk boundaries at both ends. A run is
+    merged into the previous one only when it continues it physically
+    (prev.end == start), never reordered: the COW address space follows file
+    order, so the store's layout is reproducible from its FIEMAP alone.
+
+    Raises FilesystemError for an extent whose flags mean its blocks are not
+    this file's own (see UNSAFE_EXTENT_FLAGS) or whose numbers are nonsense:
+    mapping such an extent would let the store overwrite someone else's data.
+    """
+    require_chunk_bytes(chunk_bytes)
+    runs: list[ChunkRun] = []
+    for ext in extents:
+        if ext.flags & UNSAFE_EXTENT_FLAGS:
+            raise FilesystemError(
+                f"store file extent at offset {ext.logical} has FIEMAP flags "
+                f"{ext.flags:#x} (shared, inline, delayed or unknown location): "
+                "its blocks cannot be used as a snapshot store"
+            )
+        if ext.physical < 0 or ext.length <= 0 or ext.logical < 0:
+            raise FilesystemError(
+                f"store file extent at offset {ext.logical} is invalid "
+                f"(physical {ext.physical}, length {ext.length})"
+            )
+        first = -(-ext.physical // chunk_bytes)  # ceil: skip a partial head
+        end = (ext.physical + ext.length) // chunk_bytes  # floor: drop the tail
+        if end <= first:
+            continue
+        if runs and runs[-1].end == first:
+            runs[-1] = ChunkRun(runs[-1].start, runs[-1].count + end - first)
+        else:
+            runs.append(ChunkRun(first, end - first))
+    return runs
+
+
+class ChunkSet:
+    """An immutable set of physical chunks, stored as sorted disjoint runs.
+
+    Overlapping or adjacent input runs are allowed and merged (it is a set);
+    zero-count runs are ignored. Membership and overlap queries bisect, so
+    they stay O(log n) for stores with many fragments.
+    """
+
+    __slots__ = ("_starts", "_ends", "_size")
+
+    def __init__(self, runs: Iterable[ChunkRun] = ()) -> None:
+        items = []
+        for r in runs:
+            if r.start < 0 or r.count < 0:
+                raise ValueError(f"invalid chunk run {r!r}")
+            if r.count:
+                items.append((r.start, r.end))
+        items.sort()
+        starts: list[int] = []
+        ends: list[int] = []
+        for s, e in items:
+            if ends and s <= ends[-1]:
+                ends[-1] = max(ends[-1], e)
+            else:
+                starts.append(s)
+                ends.append(e)
+        self._starts = tuple(starts)
+        self._ends = tuple(ends)
+        self._size = sum(e - s for s, e in zip(starts, ends))
+
+    @property
+    def runs(self) -> tuple[ChunkRun, ...]:
+        return tuple(ChunkRun(s, e - s) for s, e in zip(self._starts, self._ends))
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[int]:
+        for s, e in zip(self._starts, self._ends):
+            yield from range(s, e)
+
+    def __contains__(self, chunk: object) -> bool:
+        return isinstance(chunk, int) and self.contains(chunk)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ChunkSet):
+            return NotImplemented
+        return self._starts == other._starts and self._ends == other._ends
+
+    def __hash__(self) -> int:
+        return hash((self._starts, self._ends))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{s}..{e - 1}" for s, e in zip(self._starts, self._ends))
+        return f"ChunkSet({inner})"
+
+    def contains(self, chunk: int) -> bool:
+        i = bisect_right(self._starts, chunk) - 1
+        return i >= 0 and chunk < self._ends[i]
+
+    def first_overlap(self, start: int, count: int) -> int | None:
+        """The lowest chunk of [start, start+count) in the set, or None."""
+        if count <= 0:
+            return None
+        i = bisect_right(self._starts, start) - 1
+        if i >= 0 and self._ends[i] > start:
+            return start
+        j = i + 1
+        if j < len(self._starts) and self._starts[j] < start + count:
+            return self._starts[j]
+        return None
+
+    def overlaps(self, start: int, count: int) -> bool:
+        return self.first_overlap(start, count) is not None
+
+
+def free_chunks(free_ranges: Iterable[tuple[int, int]], chunk_bytes: int) -> ChunkSet:
+    """Whole chunks inside free byte ranges given as (start, length).
+
+    Adjacent or overlapping ranges are joined first, so a chunk covered by
+    two neighbouring free ranges (e.g. across a block-group boundary) counts.
+    """
+    require_chunk_bytes(chunk_bytes)
+    spans = sorted((s, s + n) for s, n in free_ranges if n > 0)
+    merged: list[list[int]] = []
+    for s, e in spans:
+        if s < 0:
+            raise ValueError(f"negative free range start {s}")
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    runs = []
+    for s, e in merged:
+        first = -(-s // chunk_bytes)
+        end = e // chunk_bytes
+        if end > first:
+            runs.append(ChunkRun(first, end - first))
+    return ChunkSet(runs)

@@ -58,7 +58,8 @@ def make_plan(table: ExceptionTable, record: CheckpointRecord) -> MergePlan:
     """Plan the copy; refuses if any destination lies inside the store's own chunks."""
     cow = CowTable.from_dict(record.cow_table)
     max_run = max(1, MAX_RUN_CHUNKS_BYTES // record.chunk_bytes)
-    return plan_merge(table, forbidden=cow.store_chunks(), max_run_chunks=max_run)
+    return plan_merge(table, forbidden=cow.store_chunks(), max_run_chunks=max_run,
+                      sources=cow.backed_cow_chunks())
 
 
 def copy_back(

@@ -1,0 +1,263 @@
+"""dm-snapshot's persistent exception store, read and written in userspace (pure).
+
+Layout (drivers/md/dm-snap-persistent.c), all little-endian, in chunks:
+
+* chunk 0: header {u32 magic, u32 valid, u32 version, u32 chunk_size (sectors)}
+* metadata area i at chunk 1 + i*(epa+1), where epa = chunk_bytes / 16;
+  each holds epa {u64 old_chunk, u64 new_chunk} entries;
+* the first entry with new_chunk == 0 ends the table; an area with no such
+  entry is full and the table continues in the next area (the kernel zeroes
+  that next area before committing the full one);
+* data chunks are allocated from chunk 2 upwards, stepping over area chunks.
+
+The reader validates everything a rollback will rely on before returning,
+so a caller that only writes after it returns never acts on a bad table.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fiesnap.errors import StoreFormatError
+from fiesnap.extents import SECTOR_BYTES, require_chunk_bytes
+
+SNAP_MAGIC = 0x70416E53  # "SnAp"
+DISK_VERSION = 1
+HEADER_CHUNKS = 1  # NUM_SNAPSHOT_HDR_CHUNKS
+FIRST_DATA_CHUNK = HEADER_CHUNKS + 1  # header, then metadata area 0
+
+_HEADER = struct.Struct("<IIII")
+_EXCEPTION = struct.Struct("<QQ")
+
+_UNTOUCHED = "rollback is impossible; current data was not touched"
+
+
+def _refuse(what: str) -> StoreFormatError:
+    return StoreFormatError(f"snapshot store {what}: {_UNTOUCHED}")
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    magic: int
+    valid: int
+    version: int
+    chunk_sectors: int
+
+
+def parse_header(buf: bytes) -> StoreHeader:
+    """Decode the first 16 bytes of COW chunk 0 (no validation of values)."""
+    if len(buf) < _HEADER.size:
+        raise _refuse(f"header is truncated ({len(buf)} of {_HEADER.size} bytes)")
+    return StoreHeader(*_HEADER.unpack_from(buf, 0))
+
+
+def encode_header(h: StoreHeader) -> bytes:
+    """The 16 header bytes; the kernel zero-fills the rest of chunk 0."""
+    return _HEADER.pack(h.magic, h.valid, h.version, h.chunk_sectors)
+
+
+def exceptions_per_area(chunk_bytes: int) -> int:
+    return require_chunk_bytes(chunk_bytes) // _EXCEPTION.size
+
+
+def area_location(area: int, chunk_bytes: int) -> int:
+    """COW chunk holding metadata area `area` (kernel: area_location)."""
+    if area < 0:
+        raise ValueError(f"negative area index {area}")
+    return HEADER_CHUNKS + (exceptions_per_area(chunk_bytes) + 1) * area
+
+
+def is_metadata_chunk(chunk: int, chunk_bytes: int) -> bool:
+    """True for the header chunk and every metadata area chunk."""
+    stride = exceptions_per_area(chunk_bytes) + 1
+    return chunk == 0 or (chunk >= HEADER_CHUNKS and (chunk - HEADER_CHUNKS) % stride == 0)
+
+
+def _skip_metadata(next_free: int, stride: int) -> int:
+    # kernel: skip_metadata(); an area chunk is never handed out as data
+    return next_free + 1 if next_free % stride == HEADER_CHUNKS else next_free
+
+
+def allocate_new_chunks(n: int, chunk_bytes: int) -> list[int]:
+    """The first n data chunks the kernel hands out (persistent_prepare_exception)."""
+    if n < 0:
+        raise ValueError(f"negative chunk count {n}")
+    stride = exceptions_per_area(chunk_bytes) + 1
+    out = []
+    next_free = FIRST_DATA_CHUNK
+    for _ in range(n):
+        out.append(next_free)
+        next_free = _skip_metadata(next_free + 1, stride)
+    return out
+
+
+@dataclass(frozen=True)
+class CowException:
+    """Origin chunk `old_chunk` was saved in COW chunk `new_chunk`."""
+
+    old_chunk: int
+    new_chunk: int
+
+
+@dataclass(frozen=True)
+class ExceptionTable:
+    """A validated exception table, in on-disk order.
+
+    next_free is what the kernel computes on activation: max(new_chunk)+1
+    (at least 2), stepped over a metadata area chunk (read_exceptions ->
+    skip_metadata).
+    """
+
+    chunk_bytes: int
+    entries: tuple[CowException, ...]
+    areas_read: int
+    next_free: int
+
+    @property
+    def used_chunks(self) -> int:
+        """COW chunks in use (header, areas, data): chunks [0, next_free).
+
+        The same quantity the kernel reports as allocated; a store extension
+        must keep at least this many COW chunks where they are.
+        """
+        return self.next_free
+
+    @property
+    def used_bytes(self) -> int:
+        return self.next_free * self.chunk_bytes
+
+
+def read_exception_table(
+    read_chunk: Callable[[int], bytes],
+    *,
+    cow_chunks: int,
+    origin_chunks: int,
+    chunk_bytes: int,
+) -> ExceptionTable:
+    """Read and fully validate the store, walking it like read_exceptions().
+
+    read_chunk(n) must return the chunk_bytes bytes of COW chunk n.
+    cow_chunks is the size of the COW device in chunks; origin_chunks the
+    number of origin chunks (round a partial last chunk up, as the kernel's
+    sector_to_chunk addresses it).
+
+    Raises StoreFormatError for a blank, foreign, invalidated, other-version,
+    other-chunk-size or truncated store, and for any entry a rollback could
+    not safely apply (out of range, pointing at metadata, duplicated).
+    The kernel itself checks none of the entry properties; refusing is how we
+    avoid writing garbage over the user's data.
+    """
+    require_chunk_bytes(chunk_bytes)
+    epa = chunk_bytes // _EXCEPTION.size
+    stride = epa + 1
+    if cow_chunks < FIRST_DATA_CHUNK:
+        raise _refuse(f"is too small ({cow_chunks} chunks) to hold a header and a table")
+
+    def chunk(n: int) -> bytes:
+        buf = read_chunk(n)
+        if len(buf) != chunk_bytes:
+            raise _refuse(f"chunk {n} read back {len(buf)} bytes, expected {chunk_bytes}")
+        return buf
+
+    h = parse_header(chunk(0))
+    if h.magic == 0:
+        raise _refuse(
+            "is blank (never initialised by the kernel, so the checkpoint "
+            "never became active)"
+        )
+    if h.magic != SNAP_MAGIC:
+        raise _refuse(f"has a bad magic number {h.magic:#010x} (corrupt or not a store)")
+    if h.version != DISK_VERSION:
+        raise _refuse(f"has on-disk version {h.version}, only {DISK_VERSION} is supported")
+    if h.valid == 0:
+        raise _refuse(
+            "was invalidated by the kernel (it overflowed or had an I/O error), "
+            "so it no longer holds every overwritten chunk"
+        )
+    if h.valid != 1:
+        raise _refuse(f"has a corrupt valid flag {h.valid}")
+    if h.chunk_sectors * SECTOR_BYTES != chunk_bytes:
+        raise _refuse(
+            f"uses {h.chunk_sectors * SECTOR_BYTES}-byte chunks, "
+            f"but this checkpoint uses {chunk_bytes}-byte chunks"
+        )
+
+    entries: list[CowException] = []
+    seen_old: set[int] = set()
+    seen_new: set[int] = set()
+    area = 0
+    full = True
+    while full:
+        loc = HEADER_CHUNKS + stride * area
+        if loc >= cow_chunks:
+            raise _refuse(
+                f"is truncated: the table continues into metadata area {area} "
+                f"at chunk {loc}, beyond its {cow_chunks} chunks"
+            )
+        buf = chunk(loc)
+        full = True
+        for i, (old, new) in enumerate(_EXCEPTION.iter_unpack(buf)):
+            if new == 0:  # end of table, as in insert_exceptions()
+                full = False
+                break
+            where = (
+                f"has a bad entry (area {area}, slot {i}: "
+                f"origin chunk {old} -> COW chunk {new})"
+            )
+            if old >= origin_chunks:
+                raise _refuse(f"{where}: origin chunk beyond the device's {origin_chunks}")
+            if new < FIRST_DATA_CHUNK or new >= cow_chunks:
+                raise _refuse(f"{where}: COW chunk outside 2..{cow_chunks - 1}")
+            if (new - HEADER_CHUNKS) % stride == 0:
+                raise _refuse(f"{where}: COW chunk is a metadata area")
+            if old in seen_old:
+                raise _refuse(f"{where}: origin chunk listed twice")
+            if new in seen_new:
+                raise _refuse(f"{where}: COW chunk used twice")
+            seen_old.add(old)
+            seen_new.add(new)
+            entries.append(CowException(old, new))
+        area += 1
+
+    next_free = max(FIRST_DATA_CHUNK, max(seen_new, default=0) + 1)
+    return ExceptionTable(
+        chunk_bytes=chunk_bytes,
+        entries=tuple(entries),
+        areas_read=area,
+        next_free=_skip_metadata(next_free, stride),
+    )
+
+
+def encode_store(
+    chunk_bytes: int,
+    old_chunks: Sequence[int],
+    *,
+    valid: int = 1,
+    new_chunks: Sequence[int] | None = None,
+) -> dict[int, bytes]:
+    """The metadata chunks the kernel would have written: {cow_chunk: bytes}.
+
+    Header plus every metadata area in use. new_chunks default to the
+    kernel's allocation order (allocate_new_chunks); passing them lets tests
+    build out-of-order or deliberately corrupt tables. When the last area is
+    exactly full the following area is included, zeroed, as the kernel
+    zeroes it before committing (persistent_commit_exception). No validation:
+    this is also used to plant bad stores.
+    """
+    require_chunk_bytes(chunk_bytes)
+    epa = chunk_bytes // _EXCEPTION.size
+    if new_chunks is None:
+        new_chunks = allocate_new_chunks(len(old_chunks), chunk_bytes)
+    if len(new_chunks) != len(old_chunks):
+        raise ValueError("old_chunks and new_chunks differ in length")
+    header = encode_header(
+        StoreHeader(SNAP_MAGIC, valid, DISK_VERSION, chunk_bytes // SECTOR_BYTES)
+    )
+    out = {0: header.ljust(chunk_bytes, b"\0")}
+    pairs = list(zip(old_chunks, new_chunks))
+    for area in range(len(pairs) // epa + 1):
+        body = b"".join(_EXCEPTION.pack(o, n) for o, n in pairs[area * epa : (area + 1) * epa])
+        out[area_location(area, chunk_bytes)] = body.ljust(chunk_bytes, b"\0")
+    return out

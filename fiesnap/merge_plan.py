@@ -1,0 +1,131 @@
+"""Which COW chunks to copy back where, proven safe before any write (pure).
+
+A rollback copies every saved chunk (COW chunk new_chunk) back over origin
+chunk old_chunk. The store lives on the very device being rewritten, so the
+plan is refused outright if any destination is one of the store's own
+physical chunks: that copy would destroy chunks the merge has yet to read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from fiesnap.errors import RefusedError, StoreFormatError
+from fiesnap.exstore import ExceptionTable
+from fiesnap.extents import ChunkSet, require_chunk_bytes
+
+
+@dataclass(frozen=True)
+class CopyRun:
+    """Copy `count` chunks from COW chunk `src_chunk` to device chunk `dest_chunk`."""
+
+    dest_chunk: int
+    src_chunk: int
+    count: int
+
+    @property
+    def dest_end(self) -> int:
+        return self.dest_chunk + self.count
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Copy runs sorted by destination, destinations pairwise disjoint."""
+
+    runs: tuple[CopyRun, ...]
+    chunk_bytes: int
+
+    def __post_init__(self) -> None:
+        require_chunk_bytes(self.chunk_bytes)
+        object.__setattr__(self, "runs", tuple(self.runs))
+        prev_end = 0
+        for r in self.runs:
+            if r.count <= 0 or r.dest_chunk < prev_end or r.src_chunk < 0:
+                raise ValueError(f"copy run {r!r} is empty, unsorted or overlapping")
+            prev_end = r.dest_end
+
+    @property
+    def total_chunks(self) -> int:
+        return sum(r.count for r in self.runs)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.total_chunks * self.chunk_bytes
+
+    def byte_ranges(self, origin_bytes: int) -> Iterator[tuple[int, int, int]]:
+        """(dest_offset, src_offset, length) in bytes, clipped to the origin.
+
+        The origin's last chunk may be partial (its size need not be a
+        multiple of the chunk size); the COW copy of it is a full chunk, and
+        writing all of it would run past the end of the device.
+        """
+        cb = self.chunk_bytes
+        for r in self.runs:
+            dest = r.dest_chunk * cb
+            if dest >= origin_bytes:
+                raise RefusedError(
+                    f"merge would write device chunk {r.dest_chunk}, beyond the "
+                    f"end of the {origin_bytes}-byte device"
+                )
+            length = min(r.count * cb, origin_bytes - dest)
+            yield dest, r.src_chunk * cb, length
+
+
+def plan_merge(
+    table: ExceptionTable,
+    *,
+    forbidden: ChunkSet,
+    max_run_chunks: int = 256,
+    sources: ChunkSet | None = None,
+) -> MergePlan:
+    """Turn a validated exception table into copy runs, sorted by destination.
+
+    Entries are coalesced while both destination and source stay consecutive,
+    up to max_run_chunks per run. Before returning, every destination is
+    checked against `forbidden` (the store's own physical chunks); the first
+    hit raises RefusedError naming the chunk. If `sources` is given (the
+    backed COW chunks, CowTable.backed_cow_chunks()), every source must lie
+    in it too: a read that fails halfway through a merge leaves the device
+    half rolled back. Every exception ends up in exactly one run.
+    """
+    if max_run_chunks < 1:
+        raise ValueError(f"max_run_chunks must be at least 1, not {max_run_chunks}")
+    runs: list[CopyRun] = []
+    prev_old: int | None = None
+    for e in sorted(table.entries, key=lambda e: e.old_chunk):
+        if e.old_chunk == prev_old:
+            raise StoreFormatError(
+                f"origin chunk {e.old_chunk} has two saved copies; refusing to merge"
+            )
+        prev_old = e.old_chunk
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and last.count < max_run_chunks
+            and last.dest_chunk + last.count == e.old_chunk
+            and last.src_chunk + last.count == e.new_chunk
+        ):
+            runs[-1] = CopyRun(last.dest_chunk, last.src_chunk, last.count + 1)
+        else:
+            runs.append(CopyRun(e.old_chunk, e.new_chunk, 1))
+
+    for r in runs:
+        hit = forbidden.first_overlap(r.dest_chunk, r.count)
+        if hit is not None:
+            raise RefusedError(
+                f"merge would overwrite device chunk {hit}, which holds the snapshot "
+                "store itself; refusing (nothing was written)"
+            )
+        if sources is not None:
+            missing = next(
+                (c for c in range(r.src_chunk, r.src_chunk + r.count) if not sources.contains(c)),
+                None,
+            )
+            if missing is not None:
+                raise RefusedError(
+                    f"saved copy of device chunk {r.dest_chunk + missing - r.src_chunk} "
+                    f"is in COW chunk {missing}, which has no blocks behind it; "
+                    "refusing (nothing was written)"
+                )
+    return MergePlan(tuple(runs), table.chunk_bytes)
