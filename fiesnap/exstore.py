@@ -261,3 +261,38 @@ def encode_store(
         body = b"".join(_EXCEPTION.pack(o, n) for o, n in pairs[area * epa : (area + 1) * epa])
         out[area_location(area, chunk_bytes)] = body.ljust(chunk_bytes, b"\0")
     return out
+
+
+def scan_frontier(read_chunk: Callable[[int], bytes], *, cow_chunks: int,
+                  chunk_bytes: int) -> int | None:
+    """The store's allocation frontier (next free chunk) as committed on disk, ignoring `valid`.
+
+    Used only to explain an invalidated snapshot: the kernel reports an origin
+    write that found the store full as plain `Invalid` (dm-snap.c
+    __invalidate_snapshot), so a frontier at the store's end is how we tell an
+    overflow from an I/O error. Returns None when there is no SnAp header.
+    Never used to decide what a merge writes.
+    """
+    require_chunk_bytes(chunk_bytes)
+    stride = chunk_bytes // _EXCEPTION.size + 1
+    if cow_chunks < FIRST_DATA_CHUNK:
+        return None
+    h = parse_header(read_chunk(0))
+    if h.magic != SNAP_MAGIC:
+        return None
+    highest = FIRST_DATA_CHUNK - 1
+    area = 0
+    full = True
+    while full:
+        loc = HEADER_CHUNKS + stride * area
+        if loc >= cow_chunks:
+            break
+        full = True
+        for _old, new in _EXCEPTION.iter_unpack(read_chunk(loc)):
+            if new == 0:
+                full = False
+                break
+            if new < cow_chunks:
+                highest = max(highest, new)
+        area += 1
+    return _skip_metadata(highest + 1, stride)

@@ -16,7 +16,7 @@ from typing import Callable
 
 from .cowtable import CowTable
 from .directio import AlignedBuffer, DirectDevice
-from .exstore import ExceptionTable, read_exception_table
+from .exstore import ExceptionTable, read_exception_table, scan_frontier
 from .merge_plan import MergePlan, plan_merge
 from .state import CheckpointRecord
 
@@ -52,6 +52,15 @@ def read_table(cow_node: str, record: CheckpointRecord) -> ExceptionTable:
             origin_chunks=origin_chunks(record),
             chunk_bytes=chunk,
         )
+
+
+def read_frontier(cow_node: str, record: CheckpointRecord) -> int | None:
+    """The committed allocation frontier on disk, ignoring the valid flag (see scan_frontier)."""
+    chunk = record.chunk_bytes
+    cow = CowTable.from_dict(record.cow_table)
+    with AlignedBuffer(chunk) as buf, DirectDevice.open(cow_node, write=False) as dev:
+        return scan_frontier(lambda n: bytes(dev.read_into(buf, n * chunk, chunk)),
+                             cow_chunks=cow.total_chunks, chunk_bytes=chunk)
 
 
 def make_plan(table: ExceptionTable, record: CheckpointRecord) -> MergePlan:

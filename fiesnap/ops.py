@@ -28,7 +28,7 @@ from .errors import (
 )
 from .extents import whole_chunks
 from .fsmap import free_space
-from .merge import MergeResult, copy_back, make_plan, read_table
+from .merge import MergeResult, copy_back, make_plan, read_frontier, read_table
 from .snapstatus import SnapshotUsage, parse_snapshot_status
 from .stack import (
     StackNames,
@@ -197,6 +197,33 @@ def _discard_store(device: str, fstype: str, relpath: str, log: Log) -> None:
 
 # --------------------------------------------------------------------- status
 
+#: Exceptions that may have been in flight when the store filled: an invalid
+#: snapshot whose committed frontier is this close to the end overflowed.
+OVERFLOW_SLACK_CHUNKS = 64
+
+
+def snapshot_usage(dm, record: CheckpointRecord) -> SnapshotUsage:
+    """The kernel's view of the snapshot, with `invalid` split into overflowed or not.
+
+    An origin write that finds the store full invalidates the snapshot and the
+    kernel says only `Invalid` (store type PO changes writes to the snapshot
+    device only). The committed allocation frontier on disk tells an overflow
+    from an I/O error.
+    """
+    names = StackNames.for_name(record.name)
+    lines = dm.status(names.snap)
+    usage = parse_snapshot_status(lines[0][3] if lines else "Invalid")
+    if usage.state != "invalid":
+        return usage
+    cow = CowTable.from_dict(record.cow_table)
+    try:
+        frontier = read_frontier(dm.node_path(names.cow), record)
+    except OSError:
+        return usage
+    if frontier is not None and frontier >= cow.total_chunks - min(OVERFLOW_SLACK_CHUNKS, cow.total_chunks // 4):
+        return SnapshotUsage("overflowed")
+    return usage
+
 @dataclass(frozen=True)
 class CheckpointStatus:
     record: CheckpointRecord
@@ -247,8 +274,7 @@ def status(dm_factory, state: StateStore, name: str | None) -> list[CheckpointSt
         elif dm.info(names.snap) is None:
             st = "inactive"
         else:
-            lines = dm.status(names.snap)
-            usage = parse_snapshot_status(lines[0][3] if lines else "Invalid")
+            usage = snapshot_usage(dm, r)
             st = usage.state
         origin = dm.info(names.origin)
         mounted = tuple(_mounted_where(origin.major, origin.minor)) if origin else ()
@@ -394,8 +420,7 @@ def _precheck_merge(dm, record: CheckpointRecord, names: StackNames) -> None:
     """Refuse before changing anything: invalid/overflowed snapshot, unreadable store."""
     snap = dm.info(names.snap)
     if snap is not None:
-        lines = dm.status(names.snap)
-        usage = parse_snapshot_status(lines[0][3] if lines else "Invalid")
+        usage = snapshot_usage(dm, record)
         if usage.state != "active":
             raise RefusedError(
                 f"checkpoint {record.name!r} is {usage.state}: the store did not keep every "
