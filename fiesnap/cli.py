@@ -35,8 +35,14 @@ def _dm_factory():
     return DeviceMapper()
 
 
+def _say(line: str) -> None:
+    """One unwrapped line on stderr (rich would wrap it at the terminal width)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _log(msg: str) -> None:
-    err.print(f"fiesnap: {msg}", markup=False)
+    _say(f"fiesnap: {msg}")
 
 
 def _emit_json(data: object) -> None:
@@ -180,23 +186,20 @@ def main() -> None:
         if isinstance(rv, int) and rv:
             sys.exit(rv)
     except FiesnapError as e:
-        err.print(f"fiesnap: error: {e}", markup=False)
+        _say(f"fiesnap: error: {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("fiesnap: interrupted; re-run the same command to finish or undo cleanly", markup=False)
+        _say("fiesnap: interrupted; re-run the same command to finish or undo cleanly")
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors and bugs
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+    except Exception as e:  # click usage errors (typer vendors click) and bugs
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            _say(f"fiesnap: error: {e.format_message()} (see 'fiesnap --help')")
             sys.exit(UsageError.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         if os.environ.get("FIESNAP_DEBUG"):
             raise
-        err.print(f"fiesnap: internal error: {type(e).__name__}: {e} (FIESNAP_DEBUG=1 shows a traceback)",
-                  markup=False)
+        _say(f"fiesnap: internal error: {type(e).__name__}: {e} (FIESNAP_DEBUG=1 shows a traceback)")
         sys.exit(1)

@@ -23,8 +23,11 @@ class AlignedBuffer:
         self.view = memoryview(self.map)
 
     def close(self) -> None:
-        self.view.release()
-        self.map.close()
+        try:
+            self.view.release()
+            self.map.close()
+        except BufferError:
+            pass  # a caller still holds a slice; the mapping is freed with it
 
     def __enter__(self) -> "AlignedBuffer":
         return self
@@ -83,6 +86,5 @@ def zero_range(path: str, offset: int, length: int) -> None:
     with AlignedBuffer(size) as buf, DirectDevice.open(path, write=True) as dev:
         dev.write_from(buf, offset, length)
         dev.fsync()
-        back = dev.read_into(buf, offset, length)
-        if any(back):
+        if any(bytes(dev.read_into(buf, offset, length))):
             raise OSError(f"{path}: bytes {offset}..{offset + length} did not read back as zeros")
