@@ -26,7 +26,8 @@ app = typer.Typer(
     ),
 )
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Piped output (scripts, logs) must not be squeezed to 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _dm_factory():
