@@ -136,8 +136,12 @@ def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> Checkpo
         # Create the store file and read the checkpoint-time free-space map on a
         # private mount; unmounting flushes everything, so the device content at
         # this point is the checkpoint.
-        with mounts.private_mount(req.device, fs.fstype) as mnt:
+        # Checks first, on a read-only mount: a clean filesystem gets no write
+        # from it, so a refusal here leaves the device exactly as it was.
+        with mounts.private_mount(req.device, fs.fstype, readonly=True) as mnt:
             fsprobe.check_statfs(mnt)
+            storefile.check_free_space(mnt, req.size, label=req.device)
+        with mounts.private_mount(req.device, fs.fstype) as mnt:
             created = storefile.create_store_file(mnt, store_name, req.size)
             try:
                 free = free_space(mnt)

@@ -159,6 +159,23 @@ def _check_space(root_fd: int, mountpoint: str, size: int) -> int:
     return usable
 
 
+def check_free_space(mountpoint: str, size: int, *, label: str | None = None) -> int:
+    """Refuse a store larger than the free space minus the margin; return the usable bytes.
+
+    `label` names the filesystem in the message (a device path reads better
+    than a private mount point).
+    """
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sv = os.statvfs(fd)
+    finally:
+        os.close(fd)
+    usable = max(0, sv.f_bavail * sv.f_frsize - space_margin(sv.f_blocks * sv.f_frsize))
+    if size > usable:
+        raise FilesystemError(_no_space_message(label or mountpoint, size, usable))
+    return usable
+
+
 def _no_space_message(mountpoint: str, size: int, usable: int) -> str:
     return f"not enough free space on {mountpoint}: need {_human(size)}, have {_human(usable)}; choose a smaller --size"
 

@@ -58,20 +58,23 @@ def churn(root: str, seed: int = 2) -> None:
             f.seek(rnd.randrange(0, 3 * MiB - 100))
             f.write(rnd.randbytes(rnd.randint(1, 77)))
     # deletes, new files, truncate, rename
-    os.unlink(f"{root}/data/big3.bin")
-    for i in range(0, 40, 3):
-        os.unlink(f"{root}/data/deep/small{i}.txt")
+    for victim in [f"{root}/data/big3.bin"] + [f"{root}/data/deep/small{i}.txt" for i in range(0, 40, 3)]:
+        if os.path.exists(victim):
+            os.unlink(victim)
     for i in range(5):
         with open(f"{root}/data/new{i}.bin", "wb") as f:
             f.write(rnd.randbytes(MiB + i * 777))
-    os.truncate(f"{root}/data/deep/er/truncate-me.bin", 12345)
-    os.rename(f"{root}/data/rename-me.txt", f"{root}/data/renamed.txt")
+    os.truncate(f"{root}/data/deep/er/truncate-me.bin", 12345 + seed)
+    if os.path.exists(f"{root}/data/rename-me.txt"):
+        os.rename(f"{root}/data/rename-me.txt", f"{root}/data/renamed.txt")
+    else:
+        os.rename(f"{root}/data/renamed.txt", f"{root}/data/renamed-again.txt")
     with open(f"{root}/data/deep/small1.txt", "ab") as f:
         f.write(b"appended after the checkpoint")
     db = sqlite3.connect(f"{root}/data/app.db")
     db.execute("update t set v = 'changed' where k % 7 = 0")
     db.execute("delete from t where k % 11 = 0")
-    db.executemany("insert into t values (?, ?)", [(10000 + i, "new " * 30) for i in range(500)])
+    db.executemany("insert or replace into t values (?, ?)", [(10000 + i, f"new {seed} " * 30) for i in range(500)])
     db.commit()
     db.close()
     os.sync()
