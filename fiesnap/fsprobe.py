@@ -103,16 +103,29 @@ def probe_superblock(head: bytes, path: str) -> FsInfo:
 def probe_device(path: str) -> FsInfo:
     """Identify the filesystem on the block device (or image file) at `path`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise DeviceError(f"cannot open {path}: {os.strerror(e.errno or 0)}; check the device path") from e
-    try:
-        head = _read_at(fd, 0, 2048)
-    except OSError as e:
-        raise DeviceError(f"cannot read {path}: {os.strerror(e.errno or 0)}; check the device") from e
-    finally:
-        os.close(fd)
+        head = _read_head_direct(path)
+    except OSError:
+        # Not O_DIRECT-capable (an image file on tmpfs, say): a buffered read will do.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DeviceError(f"cannot open {path}: {os.strerror(e.errno or 0)}; check the device path") from e
+        try:
+            head = _read_at(fd, 0, 2048)
+        except OSError as e:
+            raise DeviceError(f"cannot read {path}: {os.strerror(e.errno or 0)}; check the device") from e
+        finally:
+            os.close(fd)
     return probe_superblock(head, path)
+
+
+def _read_head_direct(path: str) -> bytes:
+    """The first 2 KiB, read around the page cache: dm devices stacked on the
+    device write beneath it, so cached pages of the raw device can be stale."""
+    from .directio import AlignedBuffer, DirectDevice
+
+    with AlignedBuffer(4096) as buf, DirectDevice.open(path, write=False) as dev:
+        return bytes(dev.read_into(buf, 0, 4096))[:2048]
 
 
 class _Statfs(ctypes.Structure):

@@ -73,6 +73,38 @@ def snapshot_store_type(dm) -> str:
     return "PO" if version is not None and tuple(version) >= (1, 15, 0) else "P"
 
 
+def verify_device(record: CheckpointRecord) -> None:
+    """Refuse to touch a device that is not the one the checkpoint was taken of.
+
+    Device names move between boots; writing a merge onto the wrong disk would
+    destroy it. major:minor, size and filesystem UUID must all match (the UUID
+    is not checked once a merge has started writing: the superblock may then
+    be half-way back to its checkpoint-time content).
+    """
+    try:
+        dev = blockdev.open_block_device(record.device)
+    except DeviceError as e:
+        raise DeviceError(f"checkpoint {record.name!r}: {e}") from None
+    if (dev.major, dev.minor, dev.size_bytes) != (record.device_major, record.device_minor,
+                                                  record.device_bytes):
+        raise DeviceError(
+            f"{record.device} is now {dev.major}:{dev.minor} with {dev.size_bytes} bytes, but "
+            f"checkpoint {record.name!r} was taken of {record.device_string} with "
+            f"{record.device_bytes} bytes: refusing to touch it; reattach the original device"
+        )
+    if record.phase in ("merging", "copied"):
+        return
+    try:
+        uuid_now = fsprobe.probe_device(record.device).uuid
+    except FilesystemError:
+        uuid_now = None
+    if uuid_now != record.fs_uuid:
+        raise DeviceError(
+            f"{record.device} holds filesystem {uuid_now or 'none'}, but checkpoint "
+            f"{record.name!r} was taken of filesystem {record.fs_uuid}: refusing to touch it"
+        )
+
+
 def _mounted_where(major: int, minor: int) -> list[str]:
     return blockdev.mounts_of(major, minor)
 
@@ -312,6 +344,7 @@ def commit(name: str, dm_factory, state: StateStore, log: Log) -> str:
             log(f"removed pass-through /dev/mapper/{name}")
             return "removed"
 
+        verify_device(record)
         if record.phase != "committing":
             record.phase = "committing"
             state.save(record)
@@ -370,6 +403,7 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
             raise RefusedError(
                 f"checkpoint {name!r} was committed: there is nothing to roll back"
             )
+        verify_device(record)
         where = _mounted_where(record.device_major, record.device_minor)
         for n in names.all():
             info = dm.info(n)

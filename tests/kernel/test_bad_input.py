@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -149,3 +150,26 @@ def test_overflowed_checkpoint_refuses_merge_but_commits(lab):
     refused(lab, ["merge", "cp"], REFUSED, "commit", with_image=False)
     lab.fiesnap("commit", "cp")
     assert not os.path.exists("/dev/mapper/cp")
+
+
+def test_merge_refuses_a_different_device(lab, scratch_disks):
+    """Device names move between boots: a record pointing at another disk must not be merged."""
+    (scratch_disk_2,) = scratch_disks(1)
+    make_fs(lab.disk, "ext4-4k")
+    make_fs(scratch_disk_2, "ext4-4k")
+    lab.fiesnap("start", lab.disk, "--size", "16M", "--name", "cp")
+    path = os.path.join(lab.state, "cp.json")
+    with open(path) as f:
+        good = f.read()
+    rec = json.loads(good)
+    rec["device"] = scratch_disk_2
+    with open(path, "w") as f:
+        json.dump(rec, f)
+    other_before = sc.device_image_digest(scratch_disk_2)
+    try:
+        refused(lab, ["merge", "cp"], DEVICE, "refusing to touch it")
+        assert sc.device_image_digest(scratch_disk_2) == other_before
+    finally:
+        with open(path, "w") as f:
+            f.write(good)
+    lab.fiesnap("commit", "cp")
