@@ -1,0 +1,344 @@
+"""VM lab command line.
+
+  python -m tests.lab kernel [--refresh]
+      fetch/unpack the Debian kernel into .lab/kernel (idempotent) and print it.
+  python -m tests.lab kernel-tests [lab options] [pytest args...]
+      boot guest(s) that run `pytest tests/kernel` inside; print their output; exit with
+      pytest's status (125: a guest never reported one, 124: timed out).
+  python -m tests.lab script SCRIPT [lab options] [-- script args...]
+      boot one guest that runs SCRIPT (as root, cwd = repo; run directly if executable,
+      else with python for *.py, else with bash); exit with its status.
+
+Lab options: --cpus N  --memory 1G  --disks N  --disk-size 512M  --timeout SECONDS
+             --keep-disks (keep the scratch images after a passing run too)
+kernel-tests only: --shards N (guests in parallel; default 2 for the whole suite, 1 when
+pytest arguments are given), --allow-no-pass.
+Results: .lab/runs/<time>-<pid>-<run>/results/ (output.log, junit.xml, dmesg.log, status)
+and .../console.log (kernel console + wrapper messages); .lab/runs/<run> links to the newest
+(<run> = kernel-tests, kernel-tests-1of2, script-<name>). The newest 8 runs are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import fcntl
+import itertools
+import os
+import shutil
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from . import LAB_DIR, REPO
+from .kernel import KernelError, ensure_kernel
+from .vm import DiskSpec, GuestResult, LabError, parse_size, run_guest
+
+NO_STATUS = 125
+TIMED_OUT = 124
+CONSOLE_TAIL_LINES = 150
+
+
+def _log(msg: str) -> None:
+    print(f"lab: {msg}", file=sys.stderr, flush=True)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _add_lab_options(p: argparse.ArgumentParser, *, disks: int, timeout: int) -> None:
+    p.add_argument("--cpus", type=int, default=_env_int("FIESNAP_LAB_CPUS", 1),
+                   help="vCPUs per guest (default 1; 2 is no faster under TCG)")
+    p.add_argument("--memory", default=os.environ.get("FIESNAP_LAB_MEMORY", "1G"))
+    p.add_argument("--disks", type=int, default=disks, help=f"scratch disks per guest (default {disks})")
+    p.add_argument("--disk-size", default="512M", help="size of each sparse scratch disk (default 512M)")
+    p.add_argument("--timeout", type=float, default=_env_int("FIESNAP_LAB_TIMEOUT", timeout),
+                   help=f"seconds before the host kills a guest (default {timeout})")
+    p.add_argument("--keep-disks", action="store_true",
+                   help="keep the scratch disk images even when the guest succeeded "
+                        "(they are always kept after a failure)")
+
+
+KEEP_RUNS = 8
+_held_locks: list = []  # open lock files of this process's runs (released at exit)
+
+
+def _fresh_run_dir(name: str) -> Path:
+    """A new .lab/runs/<time>-<pid>-<name>/ (several people may run the lab in one tree);
+    .lab/runs/<name> is a symlink to the newest one. Old runs not in use are pruned."""
+    runs = LAB_DIR / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run = runs / f"{stem}-{name}"
+    for n in itertools.count(2):
+        try:
+            run.mkdir()
+            break
+        except FileExistsError:
+            run = runs / f"{stem}.{n}-{name}"
+    (run / "results").mkdir()
+    lock = open(run / ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _held_locks.append(lock)
+    link = runs / name
+    if link.is_symlink() or not link.exists():  # (a real folder there: an old lab's run)
+        tmp = runs / f".{name}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run.name)
+        os.replace(tmp, link)
+    _prune_runs(runs)
+    return run
+
+
+def _prune_runs(runs: Path) -> None:
+    dirs = sorted((d for d in runs.iterdir() if d.is_dir() and not d.is_symlink() and (d / ".lock").exists()),
+                  key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in dirs[KEEP_RUNS:]:
+        try:
+            with open(d / ".lock", "w") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # skip runs still going
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
+    for link in runs.iterdir():
+        if link.is_symlink() and not link.exists():
+            link.unlink(missing_ok=True)
+
+
+def _drop_disks(r: GuestResult, keep: bool) -> None:
+    """Scratch images are only worth their space after a failure."""
+    if r.exit_status == 0 and not keep:
+        for img in r.results_dir.parent.glob("disk*.img"):
+            img.unlink(missing_ok=True)
+
+
+def _precompile() -> None:
+    """The repo is read-only in the guest: compile on the host so the guest need not."""
+    for d in ("fiesnap", "bow_compat", "tests"):
+        if (REPO / d).is_dir():
+            compileall.compile_dir(str(REPO / d), quiet=2, workers=1)
+
+
+def _print_console_tail(r: GuestResult) -> None:
+    lines = r.console_text.splitlines()
+    print(f"----- guest console ({r.console_log}), last {CONSOLE_TAIL_LINES} of {len(lines)} lines -----")
+    print("\n".join(lines[-CONSOLE_TAIL_LINES:]))
+    print("----- end of guest console -----", flush=True)
+
+
+def _report_failure(r: GuestResult, what: str) -> None:
+    if r.timed_out:
+        print(f"lab: {what}: the guest was killed after the {r.elapsed:.0f}s timeout", flush=True)
+    else:
+        print(f"lab: {what}: the guest ended without writing a status file "
+              f"({r.results_dir / 'status'}); treating it as a failure", flush=True)
+    _print_console_tail(r)
+
+
+class _Prefixed:
+    """A text stream that writes whole lines to stdout, each tagged (parallel guests)."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, tag: str):
+        self.tag, self.buf = tag, ""
+
+    def write(self, text: str) -> None:
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        if lines:
+            with self._lock:
+                sys.stdout.write("".join(f"{self.tag}{line}\n" for line in lines))
+                sys.stdout.flush()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.buf:
+            self.write("\n")
+
+
+def _junit_counts(path: Path) -> dict[str, float] | None:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    c = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time": 0.0}
+    for s in suites:
+        for k in c:
+            c[k] += float(s.get(k, 0) or 0)
+    c["passed"] = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
+    return c
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    k = ensure_kernel(LAB_DIR / "kernel", refresh=args.refresh)
+    print(f"kernel {k.version} ({k.package})\n  vmlinuz: {k.vmlinuz}\n  modules: {k.modules_dir}")
+    return 0
+
+
+def cmd_script(args: argparse.Namespace) -> int:
+    script = Path(args.script).resolve()
+    k = ensure_kernel(LAB_DIR / "kernel")
+    name = "script-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in script.stem)
+    run = _fresh_run_dir(name)
+    size = parse_size(args.disk_size)
+    disks = [DiskSpec(run / f"disk{i}.img", size) for i in range(args.disks)]
+    extra = list(args.script_args)
+    _precompile()
+    _log(f"booting {k.version} ({args.cpus} vCPU, {args.memory}, {args.disks} x {args.disk_size} disks) "
+         f"for {script.relative_to(REPO) if script.is_relative_to(REPO) else script}")
+    r = run_guest(script, disks=disks, rwdir=run / "results", memory=args.memory, cpus=args.cpus,
+                  timeout_s=args.timeout, args=extra, kernel=k, console_log=run / "console.log",
+                  stream=sys.stdout, on_start=lambda s: _log(f"guest up after {s:.1f}s"))
+    boot = f"{r.boot_s:.1f}s" if r.boot_s is not None else "?"
+    _log(f"guest done in {r.elapsed:.1f}s (boot {boot}); results in {r.results_dir}")
+    _drop_disks(r, args.keep_disks)
+    if r.exit_status is None:
+        _report_failure(r, "script")
+        return TIMED_OUT if r.timed_out else NO_STATUS
+    if r.exit_status != 0:
+        _log(f"script exited {r.exit_status}; dmesg: {r.results_dir / 'dmesg.log'}")
+    return r.exit_status
+
+
+def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
+    k = ensure_kernel(LAB_DIR / "kernel")
+    shards = args.shards if args.shards > 0 else (1 if pytest_args else 2)
+    size = parse_size(args.disk_size)
+    _precompile()
+    script = Path(__file__).resolve().with_name("guest-pytest.sh")
+    results: list[GuestResult | BaseException | None] = [None] * shards
+    streams = [_Prefixed(f"[{i + 1}/{shards}] ") for i in range(shards)]
+    runs = []
+    for i in range(shards):
+        name = "kernel-tests" if shards == 1 else f"kernel-tests-{i + 1}of{shards}"
+        runs.append(_fresh_run_dir(name))
+    _log(f"booting {shards} guest(s) with {k.version} ({args.cpus} vCPU, {args.memory}, "
+         f"{args.disks} x {args.disk_size} disks each): pytest {' '.join(pytest_args) or 'tests/kernel'}")
+    t0 = time.monotonic()
+
+    def one(i: int) -> None:
+        run = runs[i]
+        env = {"FIESNAP_LAB_SHARD": f"{i + 1}/{shards}"} if shards > 1 else {}
+        try:
+            results[i] = run_guest(
+                script, disks=[DiskSpec(run / f"disk{j}.img", size) for j in range(args.disks)],
+                rwdir=run / "results", memory=args.memory, cpus=args.cpus, timeout_s=args.timeout,
+                env=env, args=pytest_args, kernel=k, console_log=run / "console.log",
+                stream=sys.stdout if shards == 1 else streams[i],
+                on_start=lambda s: _log(f"guest {i + 1}/{shards} up after {s:.1f}s"))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results[i] = e
+
+    if shards == 1:
+        one(0)
+    else:
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(shards)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wall = time.monotonic() - t0
+
+    statuses: list[int] = []
+    total = {"passed": 0, "failures": 0, "errors": 0, "skipped": 0, "tests": 0}
+    lines = []
+    for i, r in enumerate(results):
+        tag = f"guest {i + 1}/{shards}"
+        if isinstance(r, BaseException) or r is None:
+            print(f"lab: {tag}: could not run: {r!r}", flush=True)
+            statuses.append(NO_STATUS)
+            continue
+        streams[i].close()
+        if r.exit_status is None:
+            _report_failure(r, tag)
+            statuses.append(TIMED_OUT if r.timed_out else NO_STATUS)
+            continue
+        statuses.append(r.exit_status)
+        _drop_disks(r, args.keep_disks)
+        c = _junit_counts(r.results_dir / "junit.xml")
+        if c:
+            for key in total:
+                total[key] += int(c[key])
+        boot = f"{r.boot_s:.1f}s" if r.boot_s is not None else "?"
+        pyt = f"{c['time']:.1f}s" if c else "?"
+        lines.append(f"{tag}: status {r.exit_status}, boot {boot}, pytest {pyt}, guest total {r.elapsed:.1f}s, "
+                     f"results {r.results_dir}")
+
+    for line in lines:
+        _log(line)
+    failed = [s for s in statuses if s not in (0, 5)]
+    if failed:
+        rc = failed[0]
+    elif statuses and all(s == 5 for s in statuses):
+        rc = 5
+    else:
+        rc = 0
+    if rc == 0 and total["passed"] == 0 and not args.allow_no_pass:
+        _log("pytest succeeded but no kernel test passed (all skipped?): failing; --allow-no-pass to accept")
+        rc = 1
+    _log(f"kernel tests: exit {rc} after {wall:.1f}s wall ({shards} guest(s))")
+    # Last line, in the plain 'N passed, N failed' form CI reads.
+    sys.stderr.flush()
+    print(f"kernel-tests: {total['passed']} passed, {total['failures'] + total['errors']} failed, "
+          f"{total['skipped']} skipped", flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m tests.lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    pk = sub.add_parser("kernel", help="fetch/unpack the lab kernel", allow_abbrev=False)
+    pk.add_argument("--refresh", action="store_true", help="re-resolve linux-image-amd64 even if cached")
+    pt = sub.add_parser("kernel-tests", help="run pytest tests/kernel in the lab",
+                        allow_abbrev=False)
+    _add_lab_options(pt, disks=4, timeout=_env_int("FIESNAP_LAB_KTEST_TIMEOUT", 3000))
+    pt.add_argument("--shards", type=int, default=_env_int("FIESNAP_LAB_SHARDS", 0),
+                    help="split the tests over N guests run in parallel (default: 2 for the whole "
+                         "suite, 1 when pytest arguments are given, so that output streams live)")
+    pt.add_argument("--allow-no-pass", action="store_true",
+                    help="exit 0 even if no test passed (e.g. all skipped)")
+    ps = sub.add_parser("script", help="run a script in a lab guest", allow_abbrev=False)
+    _add_lab_options(ps, disks=2, timeout=900)
+    ps.add_argument("script")
+
+    if argv[:1] in (["kernel-tests"], ["script"]):
+        # Lab options anywhere; everything else (or all after `--`) goes to pytest / the script.
+        head, sep, tail = argv, [], []
+        if "--" in argv:
+            k = argv.index("--")
+            head, sep, tail = argv[:k], ["--"], argv[k + 1:]
+        args, rest = parser.parse_known_args(head + sep)
+        rest = [a for a in rest if a != "--"] + tail
+        if args.cmd == "script":
+            args.script_args = rest
+    else:
+        args, rest = parser.parse_args(argv), []
+    try:
+        if args.cmd == "kernel":
+            return cmd_kernel(args)
+        if args.cmd == "script":
+            return cmd_script(args)
+        return cmd_kernel_tests(args, rest)
+    except (KernelError, LabError, ValueError) as e:
+        _log(f"error: {e}")
+        return NO_STATUS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
