@@ -18,8 +18,6 @@ from .cowtable import CowTable
 from .errors import (
     CheckpointNameError,
     DeviceError,
-    DeviceMapperError,
-    FiesnapError,
     FilesystemError,
     NotRootError,
     RefusedError,
@@ -36,7 +34,6 @@ from .stack import (
     ensure_cow,
     reload_as_passthrough,
     remove_if_present,
-    unwind,
 )
 from .state import CheckpointRecord, StateStore, validate_name
 from .units import format_bytes

@@ -18,7 +18,9 @@ A disk that cannot be cleaned is taken out of the pool and the test errors in te
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import subprocess
 import platform
 from pathlib import Path
 
@@ -164,3 +166,33 @@ def lab_results() -> Path:
     if not h.in_lab():
         pytest.skip(NOT_IN_LAB)
     return Path(os.environ["FIESNAP_LAB_RESULTS"])
+
+
+@pytest.fixture
+def lab(scratch_disk, tmp_path):
+    """A scratch disk, a private state folder and mount point, and a fiesnap runner."""
+
+    class Lab:
+        disk = scratch_disk
+        state = str(tmp_path / "state")
+        mnt = str(tmp_path / "mnt")
+
+        def fiesnap(self, *args, check=True, env=None):
+            p = h.run_fiesnap(*args, state_dir=self.state, env=env)
+            if check and p.returncode != 0:
+                raise AssertionError(f"fiesnap {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+            return p
+
+        def mount(self, dev, ro=False):
+            os.makedirs(self.mnt, exist_ok=True)
+            h.sh("mount", *(["-o", "ro"] if ro else []), dev, self.mnt)
+
+        def umount(self):
+            h.sh("umount", self.mnt)
+
+        def status(self, name):
+            return json.loads(self.fiesnap("status", name, "--json").stdout)["checkpoints"][0]
+
+    os.makedirs(Lab.mnt, exist_ok=True)
+    yield Lab()
+    subprocess.run(["umount", Lab.mnt], capture_output=True)

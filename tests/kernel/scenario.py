@@ -1,23 +1,17 @@
-"""Workloads and byte-level checks for the real-kernel checkpoint tests (run in the guest)."""
+"""Workloads and checkpoint-record access for the real-kernel tests (run in the guest).
+
+Digests, raw I/O and shell helpers live in helpers.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
 import random
 import sqlite3
-import subprocess
 from dataclasses import dataclass
 
-MiB = 1 << 20
-_ZERO_MIB = bytes(MiB)
-_ZERO_SHA = hashlib.sha256(_ZERO_MIB).hexdigest()
-
-
-def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
+from .helpers import MiB, device_digest, make_fs, tree_digest
 
 
 def populate(root: str, seed: int = 1) -> None:
@@ -82,57 +76,6 @@ def churn(root: str, seed: int = 2) -> None:
     os.sync()
 
 
-def tree_digest(root: str) -> dict[str, tuple]:
-    """Every file's mode, size and sha256 (symlink targets), skipping fiesnap's store folder."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == "." and ".fiesnap" in dirnames:
-            dirnames.remove(".fiesnap")
-        if rel_dir == "." and "lost+found" in dirnames:
-            dirnames.remove("lost+found")
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            st = os.lstat(path)
-            if os.path.islink(path):
-                out[rel] = ("link", os.readlink(path))
-            elif os.path.isdir(path):
-                out[rel] = ("dir", st.st_mode)
-            else:
-                with open(path, "rb") as f:
-                    out[rel] = ("file", st.st_mode, st.st_size, hashlib.sha256(f.read()).hexdigest())
-    return out
-
-
-def device_image_digest(dev: str, exclude: list[tuple[int, int]] = ()) -> list[str]:
-    """Per-MiB sha256 of the whole device read with O_DIRECT, excluded byte ranges zeroed."""
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        buf = mmap.mmap(-1, MiB)
-        digests = []
-        for off in range(0, size, MiB):
-            n = os.preadv(fd, [buf], off)
-            data = bytearray(buf[:n])
-            for start, length in exclude:
-                lo, hi = max(start, off), min(start + length, off + n)
-                if lo < hi:
-                    data[lo - off:hi - off] = bytes(hi - lo)
-            # sha256 is slow under TCG; most of a scratch disk is zeros.
-            digests.append(_ZERO_SHA if data == _ZERO_MIB else hashlib.sha256(data).hexdigest())
-        buf.close()
-        return digests
-    finally:
-        os.close(fd)
-
-
-def differing_mib(a: list[str], b: list[str]) -> list[int]:
-    return [i for i, (x, y) in enumerate(zip(a, b)) if x != y] + (
-        [-1] if len(a) != len(b) else []
-    )
-
-
 @dataclass
 class Record:
     raw: dict
@@ -153,22 +96,22 @@ def load_record(state_dir: str, name: str) -> Record:
         return Record(json.load(f))
 
 
-def read_raw(dev: str, offset: int, length: int = 4096) -> bytes:
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, max(4096, length))
-        os.preadv(fd, [buf], offset)
-        return bytes(buf[:length])
-    finally:
-        os.close(fd)
+def prepare(lab, kind, name="cp", size="48M", populate=True):
+    """mkfs + files, then start: returns (files' digest, record, device image at the checkpoint)."""
+    make_fs(lab.disk, kind)
+    lab.mount(lab.disk)
+    if populate:
+        populate(lab.mnt)
+    before = tree_digest(lab.mnt)
+    lab.umount()
+    lab.fiesnap("start", lab.disk, "--size", size, "--name", name)
+    rec = load_record(lab.state, name)
+    return before, rec, device_digest(lab.disk, rec.store_ranges)
 
 
-def write_raw(dev: str, offset: int, data: bytes) -> None:
-    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, max(4096, len(data)))
-        buf[: len(data)] = data
-        os.pwritev(fd, [buf], offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def churn_through(lab, name="cp", seed=2):
+    lab.mount(f"/dev/mapper/{name}")
+    churn(lab.mnt, seed=seed)
+    after = tree_digest(lab.mnt)
+    lab.umount()
+    return after

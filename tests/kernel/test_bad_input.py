@@ -7,32 +7,27 @@ import os
 import shutil
 import struct
 
-import pytest
-
 from . import scenario as sc
-from .test_checkpoint import lab  # noqa: F401  (fixture)
-from .helpers import make_fs
-
-MiB = sc.MiB
+from .helpers import MiB, device_digest, make_fs, read_direct, sh, write_direct
 USAGE, NOT_ROOT, DEVICE, FILESYSTEM, NAME, REFUSED, STORE_FORMAT = 2, 3, 4, 5, 6, 7, 8
 
 
 def world(lab, with_image=True):
     """What a failed command must not change: dm devices, state records, the device bytes."""
-    names = sorted(sc.sh("dmsetup", "ls").stdout.split()[::2]) if True else []
+    names = sorted(sh("dmsetup", "ls").stdout.split()[::2])
     state = {}
     if os.path.isdir(lab.state):
         for f in sorted(os.listdir(lab.state)):
             if f.endswith(".json"):
                 with open(os.path.join(lab.state, f)) as fh:
                     state[f] = fh.read()
-    image = sc.device_image_digest(lab.disk) if with_image else None
+    image = device_digest(lab.disk) if with_image else None
     return names, state, image
 
 
 def refused(lab, args, code, needle, *, env=None, with_image=True, argv_prefix=()):
     before = world(lab, with_image)
-    p = lab.fiesnap(*args, check=False, env=env) if not argv_prefix else sc.sh(
+    p = lab.fiesnap(*args, check=False, env=env) if not argv_prefix else sh(
         *argv_prefix, *lab_cmd(lab, args), check=False, env=env)
     lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
     assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
@@ -71,10 +66,10 @@ def test_mounted_device_says_where(lab):
 
 
 def test_no_filesystem_and_unsupported_filesystem(lab):
-    sc.write_raw(lab.disk, 0, bytes(MiB))
+    write_direct(lab.disk, 0, bytes(MiB))
     refused(lab, ["start", lab.disk, "--size", "16M"], FILESYSTEM, "ext4 or XFS")
     if shutil.which("mkfs.vfat"):
-        sc.sh("mkfs.vfat", lab.disk)
+        sh("mkfs.vfat", lab.disk)
         refused(lab, ["start", lab.disk, "--size", "16M"], FILESYSTEM, "ext4 or XFS")
 
 
@@ -85,7 +80,7 @@ def test_bad_sizes(lab):
     refused(lab, ["start", lab.disk, "--size", "16M", "--chunk-size", "3K"], USAGE, "chunk size")
     refused(lab, ["start", lab.disk, "--size", "100G"], USAGE, "smaller --size")
     # Smaller than the device but more than the filesystem has free.
-    disk_bytes = int(sc.sh("blockdev", "--getsize64", lab.disk).stdout)
+    disk_bytes = int(sh("blockdev", "--getsize64", lab.disk).stdout)
     refused(lab, ["start", lab.disk, "--size", str(disk_bytes - 4 * MiB)], FILESYSTEM, "free space")
 
 
@@ -93,11 +88,11 @@ def test_bad_and_taken_names(lab):
     make_fs(lab.disk, "ext4-4k")
     refused(lab, ["start", lab.disk, "--size", "16M", "--name", "../x"], USAGE, "invalid name")
     refused(lab, ["start", lab.disk, "--size", "16M", "--name", "a-cow"], USAGE, "invalid name")
-    sc.sh("dmsetup", "create", "taken", "--table", "0 8 zero")
+    sh("dmsetup", "create", "taken", "--table", "0 8 zero")
     try:
         refused(lab, ["start", lab.disk, "--size", "16M", "--name", "taken"], NAME, "exists")
     finally:
-        sc.sh("dmsetup", "remove", "taken")
+        sh("dmsetup", "remove", "taken")
 
 
 def test_unknown_name(lab):
@@ -117,33 +112,23 @@ def test_merge_while_mounted(lab):
 
 
 def test_store_header_not_valid(lab):
-    make_fs(lab.disk, "ext4-4k")
-    lab.mount(lab.disk)
-    sc.populate(lab.mnt)
-    lab.umount()
-    lab.fiesnap("start", lab.disk, "--size", "16M", "--name", "cp")
-    lab.mount("/dev/mapper/cp")
-    sc.churn(lab.mnt)
-    lab.umount()
+    sc.prepare(lab, "ext4-4k", size="16M")
+    sc.churn_through(lab)
     # Corrupt the magic through the store device itself.
-    head = bytearray(sc.read_raw("/dev/mapper/cp-cow", 0, 4096))
+    head = bytearray(read_direct("/dev/mapper/cp-cow", 0, 4096))
     head[0:4] = struct.pack("<I", 0xDEADBEEF)
-    sc.write_raw("/dev/mapper/cp-cow", 0, bytes(head))
+    write_direct("/dev/mapper/cp-cow", 0, bytes(head))
     refused(lab, ["merge", "cp"], STORE_FORMAT, "rollback")
     assert lab.status("cp")["phase"] == "active"
     lab.fiesnap("commit", "cp")
 
 
 def test_overflowed_checkpoint_refuses_merge_but_commits(lab):
-    make_fs(lab.disk, "ext4-4k")
-    lab.mount(lab.disk)
-    sc.populate(lab.mnt)
-    lab.umount()
-    lab.fiesnap("start", lab.disk, "--size", "256K", "--name", "cp")
+    sc.prepare(lab, "ext4-4k", size="256K")
     lab.mount("/dev/mapper/cp")
     # Synchronous 4 KiB writes: each exception commits before the next write, so the store
     # fills gradually and its on-disk frontier shows the overflow (see docs/design.md).
-    sc.sh("dd", "if=/dev/urandom", f"of={lab.mnt}/data/big0.bin", "bs=4K", "count=200", "conv=notrunc",
+    sh("dd", "if=/dev/urandom", f"of={lab.mnt}/data/big0.bin", "bs=4K", "count=200", "conv=notrunc",
           "oflag=direct", check=False)
     lab.umount()
     assert lab.status("cp")["state"] == "overflowed"
@@ -165,10 +150,10 @@ def test_merge_refuses_a_different_device(lab, scratch_disks):
     rec["device"] = scratch_disk_2
     with open(path, "w") as f:
         json.dump(rec, f)
-    other_before = sc.device_image_digest(scratch_disk_2)
+    other_before = device_digest(scratch_disk_2)
     try:
         refused(lab, ["merge", "cp"], DEVICE, "refusing to touch it")
-        assert sc.device_image_digest(scratch_disk_2) == other_before
+        assert device_digest(scratch_disk_2) == other_before
     finally:
         with open(path, "w") as f:
             f.write(good)

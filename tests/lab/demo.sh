@@ -12,9 +12,9 @@ files_sha() { (cd "$mnt" && find . -path ./lost+found -prune -o -path ./.fiesnap
 image_digest() {  # per-MiB sha256 of the whole device, the store file's own blocks zeroed
     python3 - "$disk" /tmp/demo-record.json <<'EOF'
 import json, sys
-from tests.kernel.scenario import device_image_digest
+from tests.kernel.helpers import device_digest
 rec = json.load(open(sys.argv[2]))
-print("\n".join(device_image_digest(sys.argv[1], [(p, n) for _l, p, n, _f in rec["store_extents"]])))
+print("\n".join(device_digest(sys.argv[1], [(p, n) for _l, p, n, _f in rec["store_extents"]])))
 EOF
 }
 
