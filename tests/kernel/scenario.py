@@ -96,11 +96,11 @@ def load_record(state_dir: str, name: str) -> Record:
         return Record(json.load(f))
 
 
-def prepare(lab, kind, name="cp", size="48M", populate=True):
+def prepare(lab, kind, name="cp", size="48M", with_files=True):
     """mkfs + files, then start: returns (files' digest, record, device image at the checkpoint)."""
     make_fs(lab.disk, kind)
     lab.mount(lab.disk)
-    if populate:
+    if with_files:
         populate(lab.mnt)
     before = tree_digest(lab.mnt)
     lab.umount()
