@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from .cowtable import CowTable
 from .directio import AlignedBuffer, DirectDevice
@@ -38,29 +39,28 @@ def origin_chunks(record: CheckpointRecord) -> int:
     return -(-record.device_bytes // record.chunk_bytes)
 
 
+@contextmanager
+def _chunk_reader(cow_node: str, record: CheckpointRecord) -> Iterator[Callable[[int], bytes]]:
+    """read_chunk(n) for the store device, O_DIRECT with one aligned buffer."""
+    chunk = record.chunk_bytes
+    with AlignedBuffer(chunk) as buf, DirectDevice.open(cow_node, write=False) as dev:
+        yield lambda n: bytes(dev.read_into(buf, n * chunk, chunk))
+
+
 def read_table(cow_node: str, record: CheckpointRecord) -> ExceptionTable:
     """Read and fully validate the exception table; raises StoreFormatError."""
-    chunk = record.chunk_bytes
     cow = CowTable.from_dict(record.cow_table)
-    with AlignedBuffer(chunk) as buf, DirectDevice.open(cow_node, write=False) as dev:
-        def read_chunk(n: int) -> bytes:
-            return bytes(dev.read_into(buf, n * chunk, chunk))
-
-        return read_exception_table(
-            read_chunk,
-            cow_chunks=cow.total_chunks,
-            origin_chunks=origin_chunks(record),
-            chunk_bytes=chunk,
-        )
+    with _chunk_reader(cow_node, record) as read_chunk:
+        return read_exception_table(read_chunk, cow_chunks=cow.total_chunks,
+                                    origin_chunks=origin_chunks(record),
+                                    chunk_bytes=record.chunk_bytes)
 
 
 def read_frontier(cow_node: str, record: CheckpointRecord) -> int | None:
     """The committed allocation frontier on disk, ignoring the valid flag (see scan_frontier)."""
-    chunk = record.chunk_bytes
     cow = CowTable.from_dict(record.cow_table)
-    with AlignedBuffer(chunk) as buf, DirectDevice.open(cow_node, write=False) as dev:
-        return scan_frontier(lambda n: bytes(dev.read_into(buf, n * chunk, chunk)),
-                             cow_chunks=cow.total_chunks, chunk_bytes=chunk)
+    with _chunk_reader(cow_node, record) as read_chunk:
+        return scan_frontier(read_chunk, cow_chunks=cow.total_chunks, chunk_bytes=record.chunk_bytes)
 
 
 def make_plan(table: ExceptionTable, record: CheckpointRecord) -> MergePlan:

@@ -102,10 +102,6 @@ def verify_device(record: CheckpointRecord) -> None:
         )
 
 
-def _mounted_where(major: int, minor: int) -> list[str]:
-    return blockdev.mounts_of(major, minor)
-
-
 # --------------------------------------------------------------------- start
 
 @dataclass(frozen=True)
@@ -121,7 +117,7 @@ def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> Checkpo
     check_chunk_size(req.chunk_bytes)
     dev = blockdev.open_block_device(req.device)
     name = validate_name(req.name or os.path.basename(os.path.realpath(req.device)))
-    where = _mounted_where(dev.major, dev.minor)
+    where = blockdev.mounts_of(dev.major, dev.minor)
     if where:
         raise DeviceError(f"{req.device} is mounted on {', '.join(where)}: unmount it first")
     held = blockdev.holders(dev.major, dev.minor)
@@ -310,7 +306,7 @@ def status(dm_factory, state: StateStore, name: str | None) -> list[CheckpointSt
             usage = snapshot_usage(dm, r)
             st = usage.state
         origin = dm.info(names.origin)
-        mounted = tuple(_mounted_where(origin.major, origin.minor)) if origin else ()
+        mounted = tuple(blockdev.mounts_of(origin.major, origin.minor)) if origin else ()
         out.append(CheckpointStatus(r, st, usage, mounted))
     return out
 
@@ -329,7 +325,7 @@ def commit(name: str, dm_factory, state: StateStore, log: Log) -> str:
                 f"a rollback of {name!r} is under way: run 'fiesnap merge {name}' to finish it"
             )
         origin = dm.info(names.origin)
-        mounted = _mounted_where(origin.major, origin.minor) if origin else []
+        mounted = blockdev.mounts_of(origin.major, origin.minor) if origin else []
         if record.phase == "passthrough":
             if mounted:
                 raise RefusedError(
@@ -401,11 +397,11 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
                 f"checkpoint {name!r} was committed: there is nothing to roll back"
             )
         verify_device(record)
-        where = _mounted_where(record.device_major, record.device_minor)
+        where = blockdev.mounts_of(record.device_major, record.device_minor)
         for n in names.all():
             info = dm.info(n)
             if info is not None:
-                where += _mounted_where(info.major, info.minor)
+                where += blockdev.mounts_of(info.major, info.minor)
         if where:
             raise RefusedError(
                 f"the filesystem is mounted on {', '.join(where)}: unmount it, then run merge again"

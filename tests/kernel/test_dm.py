@@ -29,6 +29,8 @@ from fiesnap.dm import (
 from fiesnap.dmtable import DmTarget
 from fiesnap.errors import DeviceMapperError
 
+from .helpers import dev_size
+
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/mapper/control"), reason="no device-mapper (/dev/mapper/control)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -36,14 +38,6 @@ pytestmark = [
 
 SECTOR = 512
 MiB = 1 << 20
-
-
-def _blockdev_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 def _optional_fixture(request, name: str, default):
@@ -59,7 +53,7 @@ def disk(request) -> str:
     path = str(getattr(value, "path", value))
     if not os.path.exists(path) or not stat.S_ISBLK(os.stat(path).st_mode):
         pytest.skip(f"no scratch block device ({path})")
-    if _blockdev_size(path) < 128 * MiB:
+    if dev_size(path) < 128 * MiB:
         pytest.skip(f"{path} is smaller than 128 MiB")
     return path
 
@@ -155,7 +149,7 @@ def test_create_remove_linear_node(dm, names, disk_dev):
     assert di.exists and di.live_table and not di.suspended and not di.inactive_table
     assert di.target_count == 1 and not di.read_only
     assert_block_node(dm, name, di)
-    assert _blockdev_size(dm.node_path(name)) == 8192 * SECTOR
+    assert dev_size(dm.node_path(name)) == 8192 * SECTOR
     assert (name, di.major, di.minor) in dm.list_devices()
     dm.remove(name)
     assert dm.info(name) is None
@@ -225,7 +219,7 @@ def test_reload_swaps_table(dm, names, disk_dev):
     assert dm.table(name) == linear(disk_dev, 0, 2048)  # live table unchanged until resume
     dm.resume(name)
     assert dm.table(name) == linear(disk_dev, 2048, 4096)
-    assert _blockdev_size(dm.node_path(name)) == 4096 * SECTOR
+    assert dev_size(dm.node_path(name)) == 4096 * SECTOR
     assert dm.info(name).event_nr >= ev
 
 
