@@ -1,10 +1,11 @@
 # fiesnap: setup, tests and the VM lab.
 #
-#   make test    install what is missing (Debian packages, .venv, lab kernel), then run the
-#                host unit tests and the real-kernel tests in the VM lab
+#   make test    install what is missing (Debian packages, .venv, lab kernel and udev), then
+#                run the host unit tests, the real-kernel tests in the VM lab, the lab's
+#                two-boot power-cut self-test and the udev tests (a guest running udevd)
 #   make demo    same setup, then the demo script in a lab guest
 #   make lab     setup only
-#   make unit / make kernel-tests    one half of `make test` (after setup)
+#   make unit / kernel-tests / lab-selftest / udev-tests    one part of `make test`
 #
 # Knobs: LAB_ARGS (e.g. LAB_ARGS="--shards 2"), PYTEST_ARGS (unit tests),
 #        KERNEL_TEST_ARGS (passed to pytest in the guest, e.g. KERNEL_TEST_ARGS="-k smoke -x").
@@ -17,17 +18,23 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.fiesnap-installed
 # Host tools: qemu + busybox for virtme-ng, kmod for depmod/modprobe, the filesystems' tools,
-# dmsetup (brings libdevmapper.so.1.02.1, which fiesnap loads), sqlite3 + dosfstools for the tests.
-APT_PACKAGES := qemu-system-x86 busybox-static kmod xfsprogs e2fsprogs dosfstools sqlite3 dmsetup util-linux
+# dmsetup (brings libdevmapper.so.1.02.1, which fiesnap loads, and the dm udev rules the --udev
+# guests use), sqlite3 + dosfstools for the tests, libcap2 for the udevadm the lab unpacks into
+# .lab/udev (the `udev` package itself is never installed on the host).
+APT_PACKAGES := qemu-system-x86 busybox-static kmod xfsprogs e2fsprogs dosfstools sqlite3 dmsetup util-linux libcap2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 KERNEL_TEST_ARGS ?=
 
-.PHONY: test demo lab sysdeps venv kernel unit kernel-tests clean-lab
+# The lab's own checks: power cut between two boots on the same disk; udev in a guest.
+LAB_SELFTEST := $(VPY) -m tests.lab boots tests/lab/selftest-boots.sh --boots 2 --disks 1 --disk-size 64M
+UDEV_TESTS := $(VPY) -m tests.lab kernel-tests --udev --disks 2 -- -m udev
 
-lab: sysdeps venv kernel
+.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests lab-selftest udev-tests clean-lab
+
+lab: sysdeps venv kernel udev
 
 sysdeps:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -49,19 +56,36 @@ $(STAMP): pyproject.toml
 kernel: venv
 	@$(VPY) -m tests.lab kernel >/dev/null
 
+udev: venv
+	@$(VPY) -m tests.lab udev >/dev/null
+
 unit: venv
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS)
 
 kernel-tests: lab
 	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS)
 
-# Both halves always run; the target fails if either did (pytest's 5, "no tests", too).
+lab-selftest: lab
+	$(LAB_SELFTEST)
+
+udev-tests: lab
+	$(UDEV_TESTS)
+
+# Every part always runs; the target fails if any did (pytest's 5, "no tests", too).
+# The udev guest and the two-boot self-test (one guest at a time) run side by side once the
+# kernel tests' guests are done; the self-test's output follows the udev tests'.
 test: lab
-	@unit=0; kern=0; \
+	@unit=0; kern=0; boots=0; udev=0; \
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS) || unit=$$?; \
 	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS) || kern=$$?; \
-	if [ $$unit != 0 ] || [ $$kern != 0 ]; then \
-	  echo "make test: FAILED (unit tests exit $$unit, kernel tests exit $$kern)"; exit 1; \
+	log=$$(mktemp); \
+	$(LAB_SELFTEST) >"$$log" 2>&1 & bpid=$$!; \
+	$(UDEV_TESTS) || udev=$$?; \
+	wait $$bpid || boots=$$?; \
+	echo "----- lab self-test: $(LAB_SELFTEST)"; cat "$$log"; rm -f "$$log"; \
+	if [ $$unit != 0 ] || [ $$kern != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ]; then \
+	  echo "make test: FAILED (unit tests exit $$unit, kernel tests exit $$kern," \
+	    "lab self-test exit $$boots, udev tests exit $$udev)"; exit 1; \
 	fi
 
 demo: lab

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from . import __version__, ops
+from . import __version__, online, ops
 from .errors import FiesnapError, UsageError
 from .state import StateStore
 from .units import format_bytes, parse_size
@@ -74,21 +74,93 @@ def _size(text: str, what: str) -> int:
 
 
 @app.command()
-def start(
+def setup(
     device: str = typer.Argument(..., help="Unmounted block device holding ext4 or XFS."),
-    size: str = typer.Option(..., "--size", "-s", help="Store size: 64M, 2G, 1.5GiB or bytes."),
-    name: Optional[str] = typer.Option(None, "--name", "-n", help="Checkpoint name (default: the device's basename)."),
-    chunk_size: str = typer.Option("4K", "--chunk-size", help="dm-snapshot chunk size, a power of two from 4K to 512K."),
-    as_json: bool = typer.Option(False, "--json", help="Print the new checkpoint as JSON on stdout."),
+    name: str = typer.Option(..., "--name", "-n", help="Name of the device to mount: /dev/mapper/NAME."),
+    as_json: bool = typer.Option(False, "--json", help="Print the new record as JSON on stdout."),
 ) -> None:
-    """Take a checkpoint of DEVICE and build /dev/mapper/NAME (mount that), NAME-snap and NAME-cow."""
-    req = ops.StartRequest(device=device, size=_size(size, "--size"), name=name,
-                           chunk_bytes=_size(chunk_size, "--chunk-size"))
-    record = ops.start(req, _dm_factory, StateStore(), _log)
+    """Put DEVICE under fiesnap: /dev/mapper/NAME becomes a pass-through of it; mount that.
+
+    Mounting through NAME from then on (fstab: /dev/mapper/NAME, not UUID=) is what lets
+    'fiesnap start NAME' checkpoint the filesystem while it stays mounted.
+    """
+    record = online.setup(device, name, _dm_factory, StateStore(), _log)
     if as_json:
         _emit_json(ops.status(_dm_factory, StateStore(), record.name)[0].to_dict())
     else:
-        out.print(f"checkpoint {record.name} started: mount /dev/mapper/{record.name}", markup=False)
+        out.print(f"{device} is now /dev/mapper/{record.name}: mount that", markup=False)
+
+
+@app.command()
+def start(
+    target: str = typer.Argument(
+        ..., metavar="NAME|MOUNTPOINT|DEVICE",
+        help="A device under fiesnap (its NAME or mount point; may be mounted and busy), "
+             "or an unmounted block device holding ext4 or XFS."),
+    size: str = typer.Option(..., "--size", "-s", help="Store size: 64M, 2G, 1.5GiB or bytes."),
+    name: Optional[str] = typer.Option(None, "--name", "-n",
+                                       help="Checkpoint name for a DEVICE (default: its basename)."),
+    chunk_size: str = typer.Option("4K", "--chunk-size", help="dm-snapshot chunk size, a power of two from 4K to 512K."),
+    as_json: bool = typer.Option(False, "--json", help="Print the new checkpoint as JSON on stdout."),
+) -> None:
+    """Take a checkpoint.
+
+    Of NAME (set up with 'fiesnap setup'): online, the filesystem may stay mounted and busy; it
+    is frozen for a moment while /dev/mapper/NAME switches to snapshot-origin.
+    Of an unmounted DEVICE: builds /dev/mapper/NAME (mount that), NAME-snap and NAME-cow.
+    """
+    size_bytes = _size(size, "--size")
+    chunk_bytes = _size(chunk_size, "--chunk-size")
+    state = StateStore()
+    managed = online.resolve_target(target, state)
+    if managed is not None:
+        if name is not None and name != managed:
+            raise UsageError(f"--name {name} does not match {target}, which is {managed}: drop --name")
+        record = online.start_online(online.OnlineStart(managed, size_bytes, chunk_bytes),
+                                     _dm_factory, state, _log)
+    else:
+        req = ops.StartRequest(device=target, size=size_bytes, name=name, chunk_bytes=chunk_bytes)
+        record = ops.start(req, _dm_factory, state, _log)
+    if as_json:
+        _emit_json(ops.status(_dm_factory, StateStore(), record.name)[0].to_dict())
+    else:
+        out.print(f"checkpoint {record.name} started: the filesystem is on /dev/mapper/{record.name}",
+                  markup=False)
+
+
+@app.command()
+def activate(
+    name: Optional[str] = typer.Argument(None, help="One recorded name."),
+    all_: bool = typer.Option(False, "--all", help="Every recorded name (what the boot unit runs)."),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to keep looking for devices that are still appearing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+) -> None:
+    """After boot: rebuild /dev/mapper/NAME, and a checkpoint's whole stack over its existing store.
+
+    The store's identity block (checkpoint id, filesystem UUID, device size, map checksum) must
+    match the record before anything is mapped; the store is never zeroed here.
+    """
+    if bool(name) == all_:
+        raise UsageError("give exactly one of NAME or --all")
+    results = online.activate(name, _dm_factory, StateStore(), _log, wait_seconds=wait)
+    if as_json:
+        _emit_json({"activated": [r.to_dict() for r in results]})
+    else:
+        for r in results:
+            out.print(f"{r.name}: {r.result}" + (f" ({r.detail})" if r.detail else ""), markup=False)
+
+
+@app.command()
+def deactivate(
+    name: str = typer.Argument(..., help="Recorded name to take down."),
+    as_json: bool = typer.Option(False, "--json", help="Print the removed devices as JSON on stdout."),
+) -> None:
+    """Take NAME's devices down without ending anything ('fiesnap activate NAME' brings them back)."""
+    removed = online.deactivate(name, _dm_factory, StateStore(), _log)
+    if as_json:
+        _emit_json({"name": name, "removed": removed})
+    else:
+        out.print(f"{name}: removed {', '.join(removed) or 'nothing (not active)'}", markup=False)
 
 
 @app.command()
@@ -113,7 +185,8 @@ def status(
         table.add_row(
             r["name"], r["state"], r["device"], b(r["store_bytes"]), b(r["used_bytes"]),
             b(r["metadata_bytes"]), "-" if r["percent_used"] is None else f"{r['percent_used']:.1f}",
-            b(r["chunk_bytes"]), str(r["extents"]), r["start_time"], ", ".join(r["mounted_on"]) or "-",
+            b(r["chunk_bytes"]), str(r["extents"] or "-"), r["start_time"] or "-",
+            ", ".join(r["mounted_on"]) or "-",
         )
     out.print(table)
 

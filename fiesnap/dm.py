@@ -64,6 +64,11 @@ from ctypes import (
 from dataclasses import dataclass
 from typing import NamedTuple
 
+try:  # waiting for udev: loaded up front, never while a filesystem is frozen
+    import pyudev
+except ImportError:  # pragma: no cover - pyudev is a dependency; polling still works
+    pyudev = None
+
 from fiesnap.dmtable import DmTarget
 from fiesnap.errors import DeviceMapperError
 
@@ -1030,8 +1035,8 @@ class DeviceMapper:
         deadline = time.monotonic() + self.udev_timeout
         monitor = None
         try:
-            import pyudev  # noqa: PLC0415 - optional at run time
-
+            if pyudev is None:
+                raise RuntimeError("pyudev is not installed")
             monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
             monitor.filter_by(subsystem="block")
             monitor.start()

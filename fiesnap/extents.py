@@ -210,3 +210,55 @@ def free_chunks(free_ranges: Iterable[tuple[int, int]], chunk_bytes: int) -> Chu
         if end > first:
             runs.append(ChunkRun(first, end - first))
     return ChunkSet(runs)
+
+
+def without_head(extents: Iterable[Extent], nbytes: int) -> list[Extent]:
+    """The extents with logical bytes [0, nbytes) cut away, flags kept.
+
+    The store file's first bytes hold its identity header, which must never
+    become COW store: feed the result, not the file's extents, to whole_chunks.
+    """
+    if nbytes < 0:
+        raise ValueError(f"negative head size {nbytes}")
+    out = []
+    for ext in extents:
+        cut = min(max(nbytes - ext.logical, 0), ext.length)
+        if cut < ext.length:
+            out.append(Extent(ext.logical + cut, ext.physical + cut, ext.length - cut, ext.flags))
+    return out
+
+
+def head_location(extents: Iterable[Extent], nbytes: int) -> int:
+    """Device byte offset of the file's logical byte 0, whose first `nbytes` are one run.
+
+    The header is read raw from the device in one piece, so it must not
+    straddle two runs of blocks (neighbouring extents that continue each
+    other physically count as one). Raises FilesystemError otherwise.
+    """
+    if nbytes <= 0:
+        raise ValueError(f"head size {nbytes} is not positive")
+    runs = physical_layout(extents)
+    if runs and runs[0][0] == 0 and runs[0][2] >= nbytes:
+        return runs[0][1]
+    raise FilesystemError(
+        f"the store file's first {nbytes} bytes are not one contiguous extent: "
+        "the filesystem is fragmented there; retry, or choose a larger --size"
+    )
+
+
+def physical_layout(extents: Iterable[Extent]) -> tuple[tuple[int, int, int], ...]:
+    """(logical, physical, length) runs, merged where contiguous both ways, flags ignored.
+
+    Writing into an unwritten extent makes FIEMAP split it into a written
+    and an unwritten part without moving any block; comparing layouts, not
+    extents, tells "blocks moved" apart from "flags changed".
+    """
+    runs: list[tuple[int, int, int]] = []
+    for ext in sorted(extents, key=lambda e: e.logical):
+        if runs:
+            lg, ph, n = runs[-1]
+            if lg + n == ext.logical and ph + n == ext.physical:
+                runs[-1] = (lg, ph, n + ext.length)
+                continue
+        runs.append((ext.logical, ext.physical, ext.length))
+    return tuple(runs)

@@ -23,6 +23,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
+from fiesnap.directio import AlignedBuffer, DirectDevice
 from fiesnap.errors import DeviceError, FilesystemError
 
 EXT4_SUPER_MAGIC = 0xEF53
@@ -122,8 +123,6 @@ def probe_device(path: str) -> FsInfo:
 def _read_head_direct(path: str) -> bytes:
     """The first 2 KiB, read around the page cache: dm devices stacked on the
     device write beneath it, so cached pages of the raw device can be stale."""
-    from .directio import AlignedBuffer, DirectDevice
-
     with AlignedBuffer(4096) as buf, DirectDevice.open(path, write=False) as dev:
         return bytes(dev.read_into(buf, 0, 4096))[:2048]
 

@@ -24,14 +24,17 @@ from .errors import (
     StateError,
     UsageError,
 )
-from .extents import whole_chunks
+from .extents import head_location, whole_chunks, without_head
+from .identity import IDENTITY_BYTES, StoreIdentity, encode_identity, map_checksum
 from .fsmap import free_space
 from .merge import MergeResult, copy_back, make_plan, read_frontier, read_table
 from .snapstatus import SnapshotUsage, parse_snapshot_status
 from .stack import (
     StackNames,
     build_stack,
+    create_passthrough,
     ensure_cow,
+    passthrough_targets,
     reload_as_passthrough,
     remove_if_present,
 )
@@ -167,7 +170,9 @@ def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> Checkpo
             fsprobe.check_statfs(mnt)
             storefile.check_free_space(mnt, req.size, label=req.device)
         with mounts.private_mount(req.device, fs.fstype) as mnt:
-            created = storefile.create_store_file(mnt, store_name, req.size)
+            created = storefile.create_store_file(
+                mnt, store_name, req.size,
+                head=identity_writer(checkpoint_id, fs.uuid, dev.size_bytes, req.chunk_bytes))
             try:
                 free = free_space(mnt)
             except BaseException:
@@ -178,33 +183,18 @@ def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> Checkpo
 
         record: CheckpointRecord | None = None
         try:
-            runs = whole_chunks(created.extents, req.chunk_bytes)
-            cow = CowTable.from_runs(runs, req.chunk_bytes)
-            if cow.total_chunks < MIN_STORE_CHUNKS:
-                raise FilesystemError(
-                    f"the store file has only {cow.total_chunks} whole {req.chunk_bytes}-byte "
-                    "chunks: the filesystem is too fragmented; choose a larger --size or a "
-                    "smaller --chunk-size"
-                )
             record = CheckpointRecord(
                 name=name,
-                checkpoint_id=checkpoint_id,
                 device=os.path.realpath(req.device),
                 device_major=dev.major,
                 device_minor=dev.minor,
                 device_bytes=dev.size_bytes,
                 fstype=fs.fstype,
                 fs_uuid=fs.uuid,
-                chunk_bytes=req.chunk_bytes,
-                store_type=store_type,
-                store_relpath=created.relpath,
-                store_file_bytes=created.size,
-                store_extents=[[e.logical, e.physical, e.length, e.flags] for e in created.extents],
-                cow_table=cow.to_dict(),
                 free_map=[[s, n] for s, n in free],
-                created=_now(),
                 phase="starting",
             )
+            fill_checkpoint(record, checkpoint_id, store_type, req.chunk_bytes, created)
             state.save(record)
             build_stack(dm, record, zero_header=True, log=log)
             record.phase = "active"
@@ -216,6 +206,60 @@ def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> Checkpo
             raise
         log(f"checkpoint {name!r} active: mount /dev/mapper/{name}")
         return record
+
+
+def store_map(extents, chunk_bytes: int) -> CowTable:
+    """The store's chunks: whole chunks of the file, never the identity block."""
+    cow = CowTable.from_runs(whole_chunks(without_head(extents, IDENTITY_BYTES), chunk_bytes), chunk_bytes)
+    if cow.total_chunks < MIN_STORE_CHUNKS:
+        raise FilesystemError(
+            f"the store file has only {cow.total_chunks} whole {chunk_bytes}-byte "
+            "chunks: the filesystem is too fragmented; choose a larger --size or a "
+            "smaller --chunk-size"
+        )
+    return cow
+
+
+def identity_writer(checkpoint_id: str, fs_uuid: str, device_bytes: int, chunk_bytes: int):
+    """The store file's identity block for its extents (storefile.create_store_file's `head`)."""
+    def head(extents) -> bytes:
+        cow = store_map(extents, chunk_bytes)
+        return encode_identity(StoreIdentity(
+            checkpoint_id=checkpoint_id, fs_uuid=fs_uuid, device_bytes=device_bytes,
+            chunk_bytes=chunk_bytes, map_sha256=map_checksum(cow.to_dict()), generation=1))
+    return head
+
+
+def expected_identity(record: CheckpointRecord) -> StoreIdentity:
+    return StoreIdentity(
+        checkpoint_id=record.checkpoint_id, fs_uuid=record.fs_uuid,
+        device_bytes=record.device_bytes, chunk_bytes=record.chunk_bytes,
+        map_sha256=map_checksum(record.cow_table), generation=record.generation)
+
+
+def fill_checkpoint(record: CheckpointRecord, checkpoint_id: str, store_type: str,
+                    chunk_bytes: int, created: storefile.StoreFile) -> None:
+    """Put a new checkpoint's store into `record` (its map is what the identity block hashes)."""
+    cow = store_map(created.extents, chunk_bytes)
+    record.checkpoint_id = checkpoint_id
+    record.chunk_bytes = chunk_bytes
+    record.store_type = store_type
+    record.store_relpath = created.relpath
+    record.store_file_bytes = created.size
+    record.store_extents = [[e.logical, e.physical, e.length, e.flags] for e in created.extents]
+    record.cow_table = cow.to_dict()
+    record.identity_offset = head_location(created.extents, IDENTITY_BYTES)
+    record.generation = 1
+    record.created = _now()
+    first = record.identity_offset // chunk_bytes
+    last = (record.identity_offset + IDENTITY_BYTES - 1) // chunk_bytes
+    if cow.store_chunks().overlaps(first, last - first + 1):
+        raise FilesystemError("internal check failed: the identity block lies inside the mapped store; retry")
+
+
+def mount_source(record: CheckpointRecord) -> str:
+    """What to mount to reach the filesystem: /dev/mapper/NAME once NAME holds the device."""
+    return f"/dev/mapper/{record.name}" if record.managed else record.device
 
 
 def _discard_store(device: str, fstype: str, relpath: str, log: Log) -> None:
@@ -262,27 +306,34 @@ class CheckpointStatus:
 
     def to_dict(self) -> dict:
         r = self.record
-        cow = CowTable.from_dict(r.cow_table)
-        store_bytes = cow.total_chunks * r.chunk_bytes
         u = self.usage
+        store_bytes = None
+        segments = None
+        if r.cow_table:
+            cow = CowTable.from_dict(r.cow_table)
+            store_bytes = cow.total_chunks * r.chunk_bytes
+            segments = len(cow.segments)
         return {
             "name": r.name,
             "state": self.state,
             "phase": r.phase,
+            "managed": r.managed,
+            "mode": r.mode if r.checkpoint_id else None,
             "device": r.device,
             "fstype": r.fstype,
-            "store_file": "/" + r.store_relpath,
+            "fs_uuid": r.fs_uuid,
+            "store_file": "/" + r.store_relpath if r.store_relpath else None,
             "store_bytes": store_bytes,
             "used_bytes": u.used_bytes if u else None,
             "metadata_bytes": u.metadata_bytes if u else None,
             "percent_used": u.percent_used if u else None,
-            "chunk_bytes": r.chunk_bytes,
-            "extents": len(r.store_extents),
-            "segments": len(cow.segments),
-            "store_type": r.store_type,
-            "start_time": r.created,
+            "chunk_bytes": r.chunk_bytes or None,
+            "extents": len(r.store_extents) if r.store_extents else None,
+            "segments": segments,
+            "store_type": r.store_type or None,
+            "start_time": r.created or None,
             "mounted_on": list(self.mounted_on),
-            "checkpoint_id": r.checkpoint_id,
+            "checkpoint_id": r.checkpoint_id or None,
         }
 
 
@@ -297,7 +348,7 @@ def status(dm_factory, state: StateStore, name: str | None) -> list[CheckpointSt
         names = StackNames.for_name(r.name)
         usage = None
         if r.phase == "passthrough":
-            st = "passthrough"
+            st = "passthrough" if dm.info(names.origin) is not None else "inactive"
         elif r.phase != "active":
             st = r.phase
         elif dm.info(names.snap) is None:
@@ -326,6 +377,10 @@ def commit(name: str, dm_factory, state: StateStore, log: Log) -> str:
             )
         origin = dm.info(names.origin)
         mounted = blockdev.mounts_of(origin.major, origin.minor) if origin else []
+        if record.phase == "passthrough" and record.managed:
+            raise RefusedError(
+                f"{name!r} has no checkpoint: nothing to commit; 'fiesnap start {name} --size SIZE' takes one"
+            )
         if record.phase == "passthrough":
             if mounted:
                 raise RefusedError(
@@ -341,14 +396,14 @@ def commit(name: str, dm_factory, state: StateStore, log: Log) -> str:
         if record.phase != "committing":
             record.phase = "committing"
             state.save(record)
+        if record.managed:
+            return _commit_managed(dm, record, state, log)
         if mounted:
-            root = _mount_root(mounted)
             reload_as_passthrough(dm, record)
-            log(f"/dev/mapper/{name} is now a plain pass-through; still mounted on {root}")
+            log(f"/dev/mapper/{name} is now a plain pass-through; still mounted on {mounted[0]}")
             remove_if_present(dm, names.snap)
             remove_if_present(dm, names.cow)
-            storefile.remove_store_file(root, record.store_relpath)
-            log(f"removed store file {root.rstrip('/')}/{record.store_relpath}")
+            _discard_store(f"/dev/mapper/{name}", record.fstype, record.store_relpath, log)
             record.phase = "passthrough"
             state.save(record)
             return "passthrough"
@@ -365,16 +420,23 @@ def commit(name: str, dm_factory, state: StateStore, log: Log) -> str:
         return "removed"
 
 
-def _mount_root(mountpoints: list[str]) -> str:
-    # Any of them shows the same filesystem; the store path is relative to the fs root,
-    # which is the mount root for a plain mount (bind mounts of subfolders are not).
-    for mp in mountpoints:
-        if os.path.isdir(os.path.join(mp, storefile.STORE_DIR)):
-            return mp
-    raise FilesystemError(
-        f"cannot find {storefile.STORE_DIR}/ under {', '.join(mountpoints)}: mount the "
-        "filesystem's root, not a subfolder"
-    )
+def _commit_managed(dm, record: CheckpointRecord, state: StateStore, log: Log) -> str:
+    """Back to the pass-through, mounted or not; the record stays for the next checkpoint."""
+    names = StackNames.for_name(record.name)
+    if dm.info(names.origin) is None:
+        remove_if_present(dm, names.snap)
+        remove_if_present(dm, names.cow)
+        create_passthrough(dm, record)
+    elif dm.table(names.origin) != passthrough_targets(record):
+        reload_as_passthrough(dm, record)
+    log(f"/dev/mapper/{record.name} is a plain pass-through again")
+    remove_if_present(dm, names.snap)
+    remove_if_present(dm, names.cow)
+    if record.store_relpath:
+        _discard_store(mount_source(record), record.fstype, record.store_relpath, log)
+    state.save(record.as_passthrough())
+    log(f"checkpoint {record.name!r} committed; the device holds the current data")
+    return "passthrough"
 
 
 # --------------------------------------------------------------------- merge
@@ -437,12 +499,18 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
             state.save(record)
         if record.phase == "copied":
             remove_if_present(dm, names.cow)
+            if record.managed and dm.info(names.origin) is None:
+                create_passthrough(dm, record)
             if keep_store:
                 log(f"kept the store file /{record.store_relpath} (immutable; "
                     "chattr -i it before deleting)")
             else:
-                _discard_store(record.device, record.fstype, record.store_relpath, log)
-            state.delete(name)
+                _discard_store(mount_source(record), record.fstype, record.store_relpath, log)
+            if record.managed:
+                state.save(record.as_passthrough())
+                log(f"/dev/mapper/{name} is a plain pass-through again: mount it")
+            else:
+                state.delete(name)
             log(f"rolled {record.device} back to checkpoint {name!r} of {record.created}")
         return result
 

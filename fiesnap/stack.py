@@ -21,7 +21,7 @@ Any failure removes every device this call created, newest first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 from .cowtable import CowTable
 from .directio import zero_range
@@ -61,6 +61,14 @@ def dm_uuid(checkpoint_id: str, role: str) -> str:
     return f"FIESNAP-{checkpoint_id}-{role}"
 
 
+def origin_uuid(record: CheckpointRecord) -> str:
+    """NAME's dm UUID. A managed NAME outlives its checkpoints (its table is
+    reloaded, its UUID cannot change), so it carries the setup's id."""
+    if record.managed:
+        return dm_uuid(record.setup_id, "dev")
+    return dm_uuid(record.checkpoint_id, "origin")
+
+
 def cow_table_of(record: CheckpointRecord) -> CowTable:
     return CowTable.from_dict(record.cow_table)
 
@@ -89,9 +97,9 @@ def passthrough_targets(record: CheckpointRecord) -> list[DmTarget]:
     return [linear(0, record.device_bytes // SECTOR, record.device_string, 0)]
 
 
-def build_stack(dm, record: CheckpointRecord, *, zero_header: bool,
-                log: Callable[[str], None] = lambda s: None) -> None:
-    """Create cow -> (zero header) -> snapshot -> origin; unwind everything on failure.
+def build_store_layers(dm, record: CheckpointRecord, *, zero_header: bool,
+                       log: Callable[[str], None] = lambda s: None) -> list[str]:
+    """Create cow -> (zero header) -> snapshot; unwind them on failure. Returns what was made.
 
     `zero_header` is True only when the checkpoint starts: rebuilding an existing
     checkpoint must never wipe its store.
@@ -111,15 +119,71 @@ def build_stack(dm, record: CheckpointRecord, *, zero_header: bool,
                          read_only=True, udev_flags=CHECKPOINT_VIEW)
         created.append(names.snap)
         log(f"loaded snapshot {names.snap} ({snap.major}:{snap.minor})")
-        dm.create(names.origin, uuid=dm_uuid(record.checkpoint_id, "origin"),
-                  targets=origin_targets(record))
-        created.append(names.origin)
+    except BaseException as e:
+        unwind(dm, created)
+        if isinstance(e, OSError):
+            raise DeviceMapperError(f"building the checkpoint stack failed: {e}") from e
+        raise
+    return created
+
+
+def build_stack(dm, record: CheckpointRecord, *, zero_header: bool,
+                log: Callable[[str], None] = lambda s: None) -> None:
+    """Create cow -> (zero header) -> snapshot -> origin; unwind everything on failure."""
+    names = StackNames.for_name(record.name)
+    created = build_store_layers(dm, record, zero_header=zero_header, log=log)
+    try:
+        dm.create(names.origin, uuid=origin_uuid(record), targets=origin_targets(record))
         log(f"resumed origin {names.origin} after its snapshot exists")
     except BaseException as e:
         unwind(dm, created)
         if isinstance(e, OSError):
             raise DeviceMapperError(f"building the checkpoint stack failed: {e}") from e
         raise
+
+
+def create_passthrough(dm, record: CheckpointRecord) -> None:
+    """/dev/mapper/NAME as a plain linear map of the whole device (setup, activate)."""
+    dm.create(record.name, uuid=origin_uuid(record), targets=passthrough_targets(record))
+
+
+def switch_to_origin(dm, record: CheckpointRecord, window: Callable[[], ContextManager],
+                     at_checkpoint: Callable[[], object] = lambda: None) -> object:
+    """Turn the live pass-through NAME into snapshot-origin; the snapshot must exist.
+
+    The new table is loaded first (its constructor opens the device, no I/O
+    changes); then, inside `window` (the filesystem frozen), `at_checkpoint`
+    runs (it reads the checkpoint-time free-space map), NAME is suspended
+    without a second freeze and resumed with the new table. Resuming after the
+    snapshot exists is what makes snapshot-origin split writes at chunk
+    boundaries. On failure NAME is put back to its pass-through table.
+    Returns what `at_checkpoint` returned.
+    """
+    name = record.name
+    dm.load(name, origin_targets(record))
+    suspended = resumed = False
+    try:
+        with window():
+            result = at_checkpoint()
+            dm.suspend(name, lockfs=False)
+            suspended = True
+            dm.resume(name)
+            resumed = True
+        return result
+    except BaseException:
+        if not resumed:
+            _restore_live_table(dm, name, suspended)
+        raise
+
+
+def _restore_live_table(dm, name: str, suspended: bool) -> None:
+    """Drop the loaded-but-unused table; resume NAME on its old one if we suspended it."""
+    try:
+        dm.clear(name)
+    except FiesnapError:
+        pass
+    if suspended:
+        dm.resume(name)
 
 
 def unwind(dm, created: list[str]) -> list[str]:
@@ -155,7 +219,11 @@ def ensure_cow(dm, record: CheckpointRecord) -> str:
 
 
 def reload_as_passthrough(dm, record: CheckpointRecord) -> None:
-    """Turn a live origin into a plain linear device without unmounting: load, suspend, resume."""
+    """Turn a live origin into a plain linear device without unmounting: load, suspend, resume.
+
+    The suspend freezes a mounted filesystem (lockfs), so no write is in flight
+    when the origin stops copying to the store.
+    """
     name = record.name
     dm.load(name, passthrough_targets(record))
     dm.suspend(name, lockfs=True)

@@ -49,27 +49,54 @@ def validate_name(name: str) -> str:
 
 @dataclass
 class CheckpointRecord:
-    """Everything needed to rebuild, inspect, commit or merge a checkpoint."""
+    """Everything needed to rebuild, inspect, commit or merge a checkpoint.
+
+    A name put under fiesnap with `setup` (`managed`) keeps its record between
+    checkpoints in phase "passthrough"; the checkpoint fields are then empty.
+    """
 
     name: str
-    checkpoint_id: str
     device: str
     device_major: int
     device_minor: int
     device_bytes: int
     fstype: str
     fs_uuid: str
-    chunk_bytes: int
-    store_type: str
-    store_relpath: str
-    store_file_bytes: int
-    store_extents: list[list[int]]  # [logical, physical, length, flags]
-    cow_table: dict
-    free_map: list[list[int]]  # checkpoint-time free space, [start, length] bytes
-    created: str
+    checkpoint_id: str = ""
+    chunk_bytes: int = 0
+    store_type: str = ""
+    store_relpath: str = ""
+    store_file_bytes: int = 0
+    store_extents: list[list[int]] = field(default_factory=list)  # [logical, physical, length, flags]
+    cow_table: dict = field(default_factory=dict)
+    free_map: list[list[int]] = field(default_factory=list)  # checkpoint-time free space, [start, length] bytes
+    created: str = ""
     phase: str = "starting"
     version: int = RECORD_VERSION
     notes: dict = field(default_factory=dict)
+    #: set up with `fiesnap setup`: /dev/mapper/NAME outlives each checkpoint.
+    managed: bool = False
+    #: id of the `setup` that made /dev/mapper/NAME (its dm UUID); "" if not managed.
+    setup_id: str = ""
+    #: device byte offset of the store file's identity block (-1: none written).
+    identity_offset: int = -1
+    #: bumped whenever the store map changes; also in the identity block.
+    generation: int = 1
+    #: how the checkpoint was taken: "offline" (device unmounted) or "online" (frozen).
+    mode: str = "offline"
+
+    def as_passthrough(self) -> "CheckpointRecord":
+        """The same device under fiesnap with no checkpoint (after commit or merge)."""
+        return CheckpointRecord(
+            name=self.name, device=self.device, device_major=self.device_major,
+            device_minor=self.device_minor, device_bytes=self.device_bytes,
+            fstype=self.fstype, fs_uuid=self.fs_uuid, phase="passthrough",
+            managed=self.managed, setup_id=self.setup_id, notes=dict(self.notes),
+        )
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return self.phase not in ("passthrough",) and bool(self.checkpoint_id)
 
     @property
     def device_string(self) -> str:

@@ -7,6 +7,12 @@ fully allocated (fallocate, not sparse), immutable (no truncate, unlink,
 write or reflink), in a root-only directory, and its extents are read twice
 around setting the immutable flag to prove they held still.
 
+The first IDENTITY_BYTES of the file hold the store identity header
+(identity.py), written through the filesystem before the file is made
+immutable and rewritten (briefly mutable) when the store map changes. Such a
+write turns an unwritten extent into a written one, which FIEMAP reports as
+a split; the check after it is that no block moved (physical_layout).
+
 FS_IOC_GETFLAGS/SETFLAGS = _IOR/_IOW('f', 1/2, long) = 0x80086601/0x40086602
 (include/uapi/linux/fs.h), but the kernel reads and writes an unsigned int
 (fs/ioctl.c ioctl_getflags/ioctl_setflags), so the buffer is 4 bytes.
@@ -20,11 +26,13 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fiesnap.errors import FiesnapError, FilesystemError, NotRootError, RefusedError, UsageError
-from fiesnap.extents import Extent
+from fiesnap.extents import Extent, physical_layout
 from fiesnap.fiemap import file_extents
+from fiesnap.identity import IDENTITY_BYTES
 from fiesnap.fsprobe import check_statfs
 
 STORE_DIR = ".fiesnap"
@@ -42,6 +50,9 @@ MIN_MARGIN_BYTES = 16 << 20
 MARGIN_FRACTION = 100
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: Makes the header from the freshly allocated file's extents (e.g. to record where it lands).
+HeadMaker = Callable[[tuple[Extent, ...]], bytes]
 
 
 @dataclass(frozen=True)
@@ -198,7 +209,38 @@ def _discard(fd: int, dir_fd: int, name: str) -> list[str]:
     return problems
 
 
-def _create_in(dir_fd: int, mountpoint: str, name: str, size: int, usable: int) -> StoreFile:
+def _check_head(data: object) -> bytes:
+    if not isinstance(data, (bytes, bytearray)) or len(data) != IDENTITY_BYTES:
+        size = len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__
+        raise ValueError(f"store header must be {IDENTITY_BYTES} bytes, got {size}")
+    return bytes(data)
+
+
+def _write_head(fd: int, data: bytes, where: str) -> None:
+    """pwrite all of `data` at offset 0 and fsync."""
+    try:
+        done = 0
+        while done < len(data):
+            n = os.pwrite(fd, data[done:], done)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            done += n
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FilesystemError(
+                f"cannot write the header of {where}: the filesystem is full; free some space and retry"
+            ) from e
+        raise FilesystemError(f"cannot write the header of {where}: {os.strerror(e.errno or 0)}; check dmesg") from e
+
+
+def _moved_error(where: str, when: str) -> FilesystemError:
+    return FilesystemError(f"the blocks of {where} moved {when}: the filesystem relocated them; retry")
+
+
+def _create_in(
+    dir_fd: int, mountpoint: str, name: str, size: int, usable: int, head: HeadMaker | None
+) -> StoreFile:
     where = os.path.join(mountpoint, STORE_DIR, name)
     flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY | os.O_CLOEXEC
     try:
@@ -219,10 +261,16 @@ def _create_in(dir_fd: int, mountpoint: str, name: str, size: int, usable: int) 
             raise FilesystemError(f"cannot allocate {where}: {os.strerror(e.errno or 0)}; check dmesg") from e
         os.fsync(fd)
         before = file_extents(fd)
+        if head is not None:
+            _write_head(fd, _check_head(head(tuple(before))), where)
+            written = file_extents(fd)
+            if physical_layout(written) != physical_layout(before):
+                raise _moved_error(where, "when its header was written")
+            before = written
         set_immutable(fd, True)
         os.fsync(fd)
         after = file_extents(fd)
-        if before != after:
+        if (physical_layout(before) != physical_layout(after)) if head is not None else (before != after):
             raise FilesystemError(f"the extents of {where} changed while it was being created: retry")
         if os.fstat(fd).st_size != size:
             raise FilesystemError(f"{where} has the wrong size after fallocate: check dmesg")
@@ -236,8 +284,13 @@ def _create_in(dir_fd: int, mountpoint: str, name: str, size: int, usable: int) 
         os.close(fd)
 
 
-def create_store_file(mountpoint: str, file_name: str, size: int) -> StoreFile:
+def create_store_file(mountpoint: str, file_name: str, size: int, head: HeadMaker | None = None) -> StoreFile:
     """Create, fully allocate and freeze `.fiesnap/<file_name>` of `size` bytes on the mounted fs.
+
+    With `head`, it is called with the allocated file's extents and must
+    return the IDENTITY_BYTES-byte header (ValueError otherwise), which is
+    written at offset 0 before the file is made immutable. The returned
+    extents are FIEMAP's after that write.
 
     Nothing is left behind on failure: the half-made file (and a
     `.fiesnap` directory created for it) are removed before re-raising.
@@ -245,6 +298,8 @@ def create_store_file(mountpoint: str, file_name: str, size: int) -> StoreFile:
     _check_name(file_name)
     if size <= 0 or size % 512:
         raise UsageError(f"store size {size} is not a positive multiple of 512 bytes: choose another --size")
+    if head is not None and size <= IDENTITY_BYTES:
+        raise UsageError(f"store size {size} leaves no room after the {IDENTITY_BYTES}-byte header: choose a larger --size")
     check_statfs(mountpoint)
     root_fd = _open_root(mountpoint)
     try:
@@ -260,7 +315,7 @@ def create_store_file(mountpoint: str, file_name: str, size: int) -> StoreFile:
             dir_fd = _open_store_dir(root_fd, mountpoint, fix_mode=created_dir)
             if created_dir:
                 os.fsync(root_fd)
-            return _create_in(dir_fd, mountpoint, file_name, size, usable)
+            return _create_in(dir_fd, mountpoint, file_name, size, usable, head)
         except BaseException:
             if created_dir:
                 _remove_dir_if_empty(root_fd)
@@ -282,29 +337,118 @@ def _remove_dir_if_empty(root_fd: int) -> None:
     os.fsync(root_fd)
 
 
-def store_extents(mountpoint: str, relpath: str) -> tuple[Extent, ...]:
-    """Re-read the store file's validated extents, e.g. to check they still match the recorded ones."""
+def _open_store(mountpoint: str, relpath: str) -> tuple[int, int]:
+    """Open an existing store file read-only after the same checks as creation.
+
+    Returns (dir_fd, fd); the caller closes both. No symlinks, a regular
+    file, inside a root-owned 0700 `.fiesnap` of this filesystem.
+    """
     name = _name_of(relpath)
+    where = os.path.join(mountpoint, relpath)
     root_fd = _open_root(mountpoint)
     try:
         dir_fd = _open_store_dir(root_fd, mountpoint)
+    except FileNotFoundError:
+        raise RefusedError(f"store file {where} is missing: the checkpoint is lost") from None
+    finally:
+        os.close(root_fd)
+    try:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         except FileNotFoundError:
-            raise RefusedError(
-                f"store file {os.path.join(mountpoint, relpath)} is missing: the checkpoint is lost"
-            ) from None
-        finally:
-            os.close(dir_fd)
+            raise RefusedError(f"store file {where} is missing: the checkpoint is lost") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RefusedError(f"{where} is a symlink, not a store file: refusing to use it") from e
+            raise FilesystemError(f"cannot open {where}: {os.strerror(e.errno or 0)}; check dmesg") from e
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise RefusedError(f"{os.path.join(mountpoint, relpath)} is not a regular file: refusing to use it")
-            return tuple(file_extents(fd))
-        finally:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RefusedError(f"{where} is not a regular file: refusing to use it")
+        except BaseException:
             os.close(fd)
+            raise
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd, fd
+
+
+def store_extents(mountpoint: str, relpath: str) -> tuple[Extent, ...]:
+    """Re-read the store file's validated extents, e.g. to check they still match the recorded ones."""
+    dir_fd, fd = _open_store(mountpoint, relpath)
+    try:
+        return tuple(file_extents(fd))
     finally:
-        os.close(root_fd)
+        os.close(fd)
+        os.close(dir_fd)
+
+
+def read_head(mountpoint: str, relpath: str) -> bytes:
+    """The store file's first IDENTITY_BYTES bytes, read through the filesystem (tests, diagnostics)."""
+    dir_fd, fd = _open_store(mountpoint, relpath)
+    try:
+        data = os.pread(fd, IDENTITY_BYTES, 0)
+        while len(data) < IDENTITY_BYTES:
+            more = os.pread(fd, IDENTITY_BYTES - len(data), len(data))
+            if not more:
+                raise RefusedError(
+                    f"{os.path.join(mountpoint, relpath)} is shorter than its {IDENTITY_BYTES}-byte header: "
+                    "it is not a fiesnap store"
+                )
+            data += more
+        return data
+    finally:
+        os.close(fd)
+        os.close(dir_fd)
+
+
+def rewrite_head(mountpoint: str, relpath: str, data: bytes) -> None:
+    """Replace the store file's header (e.g. after the store map grew).
+
+    The immutable flag is lifted only for the write and set again whatever
+    happens; the file's block layout must be the same afterwards.
+    """
+    data = _check_head(data)
+    where = os.path.join(mountpoint, relpath)
+    dir_fd, fd = _open_store(mountpoint, relpath)
+    try:
+        before = file_extents(fd)
+        set_immutable(fd, False)
+        try:
+            _write_through(dir_fd, fd, _name_of(relpath), data, where)
+        except BaseException as e:
+            try:
+                set_immutable(fd, True)
+            except FiesnapError as again:
+                e.add_note(f"{where} is left mutable ({again}): run 'chattr +i {where}' now")
+            raise
+        try:
+            set_immutable(fd, True)
+        except FiesnapError as e:
+            raise FilesystemError(f"cannot make {where} immutable again ({e}): run 'chattr +i {where}' now") from e
+        if physical_layout(file_extents(fd)) != physical_layout(before):
+            raise FilesystemError(
+                f"the blocks of {where} moved when its header was rewritten: "
+                "the recorded store map is wrong now; do not activate this checkpoint"
+            )
+    finally:
+        os.close(fd)
+        os.close(dir_fd)
+
+
+def _write_through(dir_fd: int, ro_fd: int, name: str, data: bytes, where: str) -> None:
+    """Open `name` for writing, check it is still the inode `ro_fd` has open, write the header."""
+    try:
+        wfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        raise FilesystemError(f"cannot open {where} for writing: {os.strerror(e.errno or 0)}; check dmesg") from e
+    try:
+        a, b = os.fstat(wfd), os.fstat(ro_fd)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            raise RefusedError(f"{where} was replaced while its header was being rewritten: inspect it by hand")
+        _write_head(wfd, data, where)
+    finally:
+        os.close(wfd)
 
 
 def remove_store_file(mountpoint: str, relpath: str) -> None:

@@ -4,11 +4,15 @@ Digests, raw I/O and shell helpers live in helpers.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
 import random
 import sqlite3
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 from .helpers import MiB, device_digest, make_fs, tree_digest
@@ -115,3 +119,85 @@ def churn_through(lab, name="cp", seed=2):
     after = tree_digest(lab.mnt)
     lab.umount()
     return after
+
+
+# ------------------------------------------------------------------ online checkpoints
+
+WRITER_CODE = r'''
+import hashlib, os, sys, time
+root, log, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+os.makedirs(f"{root}/w", exist_ok=True)
+i = 0
+with open(log, "a") as lg:
+    while not os.path.exists(stop):
+        seed = hashlib.sha256(str(i).encode()).digest()
+        data = seed * ((4096 + i * 37 % 20000) // 32)
+        tmp, final = f"{root}/w/.tmp{i}", f"{root}/w/f{i:06d}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, final)
+        lg.write(f"{i}\n")
+        lg.flush()
+        i += 1
+        time.sleep(0.01)
+'''
+
+
+def writer_content(i: int) -> bytes:
+    seed = hashlib.sha256(str(i).encode()).digest()
+    return seed * ((4096 + i * 37 % 20000) // 32)
+
+
+class Writer:
+    """A process creating files under ROOT/w one after another (write, then rename into
+    place) while fiesnap works; it logs each finished file outside the filesystem."""
+
+    def __init__(self, root: str, workdir: str):
+        self.root = root
+        self.log = os.path.join(workdir, "writer.log")
+        self.stop_file = os.path.join(workdir, "writer.stop")
+        for p in (self.log, self.stop_file):
+            if os.path.exists(p):
+                os.unlink(p)
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER_CODE, root, self.log, self.stop_file],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def done(self) -> int:
+        """Files finished so far."""
+        try:
+            with open(self.log) as f:
+                return sum(1 for line in f if line.endswith("\n"))
+        except FileNotFoundError:
+            return 0
+
+    def wait_for(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.done() < n:
+            assert self.proc.poll() is None, f"writer died: {self.proc.stdout.read()}"
+            assert time.monotonic() < deadline, f"writer made only {self.done()} files"
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        """Stop it; assert it never failed; return how many files it finished."""
+        with open(self.stop_file, "w"):
+            pass
+        out, _ = self.proc.communicate(timeout=120)
+        assert self.proc.returncode == 0, f"the writer failed while fiesnap worked: {out}"
+        return self.done()
+
+
+def writer_files(root: str) -> list[int]:
+    """Indexes of the finished writer files present under ROOT/w, each checked byte for byte."""
+    present = sorted(int(n[1:]) for n in os.listdir(f"{root}/w") if n.startswith("f"))
+    for i in present:
+        with open(f"{root}/w/f{i:06d}", "rb") as f:
+            assert f.read() == writer_content(i), f"writer file {i} is damaged"
+    return present
+
+
+def online_setup(lab, kind, name="cp"):
+    """mkfs, setup NAME, mount /dev/mapper/NAME, populate; leaves it mounted."""
+    make_fs(lab.disk, kind)
+    lab.fiesnap("setup", lab.disk, "--name", name)
+    lab.mount(f"/dev/mapper/{name}")
+    populate(lab.mnt)

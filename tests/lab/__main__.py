@@ -8,14 +8,25 @@
   python -m tests.lab script SCRIPT [lab options] [-- script args...]
       boot one guest that runs SCRIPT (as root, cwd = repo; run directly if executable,
       else with python for *.py, else with bash); exit with its status.
+  python -m tests.lab boots SCRIPT --boots N [lab options] [-- script args...]
+      boot N guests one after another on the SAME scratch disk images, each running SCRIPT
+      with FIESNAP_LAB_BOOT=k, FIESNAP_LAB_BOOTS=N and FIESNAP_LAB_CARRY (a host folder
+      shared by all the boots). A script exiting 99 (LAB_POWEROFF) gets a power cut (sysrq o,
+      no sync) and that boot counts as a success; any other failure stops the sequence.
+      Exit status: the first failing boot's, else 0.
+  python -m tests.lab udev [--refresh]
+      fetch/unpack Debian's udev package into .lab/udev (idempotent) and print it.
 
 Lab options: --cpus N  --memory 1G  --disks N  --disk-size 512M  --timeout SECONDS
              --keep-disks (keep the scratch images after a passing run too)
+             --udev (run systemd-udevd in the guest; the script sees FIESNAP_LAB_UDEV=1)
 kernel-tests only: --shards N (guests in parallel; default 2 for the whole suite, 1 when
-pytest arguments are given), --allow-no-pass.
+pytest arguments are given), --allow-no-pass.  boots only: --boots N (default 2).
 Results: .lab/runs/<time>-<pid>-<run>/results/ (output.log, junit.xml, dmesg.log, status)
-and .../console.log (kernel console + wrapper messages); .lab/runs/<run> links to the newest
-(<run> = kernel-tests, kernel-tests-1of2, script-<name>). The newest 8 runs are kept.
+and .../console.log (kernel console + wrapper messages); boots: .../boot-<k>/results/ and
+.../boot-<k>/console.log, .../carry/, the disk images in .../; .lab/runs/<run> links to the
+newest (<run> = kernel-tests, kernel-tests-1of2, script-<name>, boots-<name>). The newest 8
+runs are kept.
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ from pathlib import Path
 
 from . import LAB_DIR, REPO
 from .kernel import KernelError, ensure_kernel
-from .vm import DiskSpec, GuestResult, LabError, parse_size, run_guest
+from .udev import UdevTools, ensure_udev
+from .vm import LAB_POWEROFF, DiskSpec, GuestResult, LabError, parse_size, run_guest
 
 NO_STATUS = 125
 TIMED_OUT = 124
@@ -63,13 +75,20 @@ def _add_lab_options(p: argparse.ArgumentParser, *, disks: int, timeout: int) ->
     p.add_argument("--keep-disks", action="store_true",
                    help="keep the scratch disk images even when the guest succeeded "
                         "(they are always kept after a failure)")
+    p.add_argument("--udev", action="store_true",
+                   help="start systemd-udevd in the guest (Debian's udev package, fetched into "
+                        ".lab/udev); the script sees FIESNAP_LAB_UDEV=1")
+
+
+def _udev(args: argparse.Namespace) -> UdevTools | None:
+    return ensure_udev(LAB_DIR / "udev") if getattr(args, "udev", False) else None
 
 
 KEEP_RUNS = 8
 _held_locks: list = []  # open lock files of this process's runs (released at exit)
 
 
-def _fresh_run_dir(name: str) -> Path:
+def _fresh_run_dir(name: str, *, results: bool = True) -> Path:
     """A new .lab/runs/<time>-<pid>-<name>/ (several people may run the lab in one tree);
     .lab/runs/<name> is a symlink to the newest one. Old runs not in use are pruned."""
     runs = LAB_DIR / "runs"
@@ -82,7 +101,8 @@ def _fresh_run_dir(name: str) -> Path:
             break
         except FileExistsError:
             run = runs / f"{stem}.{n}-{name}"
-    (run / "results").mkdir()
+    if results:
+        (run / "results").mkdir()
     lock = open(run / ".lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
     _held_locks.append(lock)
@@ -188,33 +208,120 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _script_name(prefix: str, script: Path) -> str:
+    return prefix + "".join(c if c.isalnum() or c in "-_" else "_" for c in script.stem)
+
+
+def _rel(p: Path) -> Path:
+    return p.relative_to(REPO) if p.is_relative_to(REPO) else p
+
+
+def cmd_udev(args: argparse.Namespace) -> int:
+    t = ensure_udev(LAB_DIR / "udev", refresh=args.refresh)
+    print(f"udev {t.version}\n  udevadm: {t.udevadm}\n  rules and helpers: {t.libexec}")
+    return 0
+
+
 def cmd_script(args: argparse.Namespace) -> int:
     script = Path(args.script).resolve()
     k = ensure_kernel(LAB_DIR / "kernel")
-    name = "script-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in script.stem)
+    udev = _udev(args)
+    name = _script_name("script-", script)
     run = _fresh_run_dir(name)
     size = parse_size(args.disk_size)
     disks = [DiskSpec(run / f"disk{i}.img", size) for i in range(args.disks)]
     extra = list(args.script_args)
     _precompile()
-    _log(f"booting {k.version} ({args.cpus} vCPU, {args.memory}, {args.disks} x {args.disk_size} disks) "
-         f"for {script.relative_to(REPO) if script.is_relative_to(REPO) else script}")
+    _log(f"booting {k.version} ({args.cpus} vCPU, {args.memory}, {args.disks} x {args.disk_size} disks"
+         f"{', udev' if udev else ''}) for {_rel(script)}")
     r = run_guest(script, disks=disks, rwdir=run / "results", memory=args.memory, cpus=args.cpus,
                   timeout_s=args.timeout, args=extra, kernel=k, console_log=run / "console.log",
-                  stream=sys.stdout, on_start=lambda s: _log(f"guest up after {s:.1f}s"))
+                  stream=sys.stdout, on_start=lambda s: _log(f"guest up after {s:.1f}s"), udev=udev)
     boot = f"{r.boot_s:.1f}s" if r.boot_s is not None else "?"
     _log(f"guest done in {r.elapsed:.1f}s (boot {boot}); results in {r.results_dir}")
-    _drop_disks(r, args.keep_disks)
+    if r.killed_after_status:
+        _log("qemu did not exit after the guest wrote its status: killed (see console.log)")
     if r.exit_status is None:
         _report_failure(r, "script")
         return TIMED_OUT if r.timed_out else NO_STATUS
+    if r.powered_off:
+        _log(f"script exited {LAB_POWEROFF}: the guest was powered off without sync (counted as success)")
+        if not args.keep_disks:
+            for img in run.glob("disk*.img"):
+                img.unlink(missing_ok=True)
+        return 0
+    _drop_disks(r, args.keep_disks)
     if r.exit_status != 0:
         _log(f"script exited {r.exit_status}; dmesg: {r.results_dir / 'dmesg.log'}")
     return r.exit_status
 
 
+def _boot_line(k: int, n: int, r: GuestResult | None) -> str:
+    if r is None:
+        return f"boot {k}/{n}: not run"
+    boot = f"{r.boot_s:.1f}s" if r.boot_s is not None else "?"
+    down = f"{r.exit_after_status_s:.1f}s" if r.exit_after_status_s is not None else "?"
+    extra = " (qemu killed: it did not exit)" if r.killed_after_status else ""
+    return (f"boot {k}/{n}: status {r.status_text}, boot {boot}, guest total {r.elapsed:.1f}s, "
+            f"status -> qemu exit {down}{extra}, results {r.results_dir}")
+
+
+def cmd_boots(args: argparse.Namespace) -> int:
+    """N guests in a row on the same disk images (power-loss and reboot tests)."""
+    if args.boots < 1:
+        raise ValueError("--boots must be at least 1")
+    script = Path(args.script).resolve()
+    if not script.is_file():
+        raise LabError(f"no such script: {script}")
+    k = ensure_kernel(LAB_DIR / "kernel")
+    udev = _udev(args)
+    n = args.boots
+    run = _fresh_run_dir(_script_name("boots-", script), results=False)
+    carry = run / "carry"
+    carry.mkdir()
+    size = parse_size(args.disk_size)
+    disks = [DiskSpec(run / f"disk{i}.img", size) for i in range(args.disks)]  # made by boot 1
+    _precompile()
+    _log(f"{n} boots of {k.version} ({args.cpus} vCPU, {args.memory}, {args.disks} x {args.disk_size} disks"
+         f"{', udev' if udev else ''}, same images) for {_rel(script)}; carry folder {carry}")
+    t0 = time.monotonic()
+    results: list[GuestResult | None] = [None] * n
+    rc = 0
+    for i in range(1, n + 1):
+        bdir = run / f"boot-{i}"
+        stream = _Prefixed(f"[boot {i}/{n}] ")
+        r = run_guest(script, disks=disks, rwdir=bdir / "results", rwdirs=[carry], memory=args.memory,
+                      cpus=args.cpus, timeout_s=args.timeout, args=list(args.script_args), kernel=k,
+                      env={"FIESNAP_LAB_BOOT": str(i), "FIESNAP_LAB_BOOTS": str(n),
+                           "FIESNAP_LAB_CARRY": str(carry)},
+                      console_log=bdir / "console.log", stream=stream, udev=udev,
+                      on_start=lambda s, i=i: _log(f"boot {i}/{n}: guest up after {s:.1f}s"))
+        stream.close()
+        results[i - 1] = r
+        _log(_boot_line(i, n, r))
+        if r.exit_status is None:
+            _report_failure(r, f"boot {i}/{n}")
+            rc = TIMED_OUT if r.timed_out else NO_STATUS
+        elif not r.ok:
+            _log(f"boot {i}/{n}: script exited {r.exit_status}; dmesg: {r.results_dir / 'dmesg.log'}")
+            rc = r.exit_status
+        if rc:
+            if i < n:
+                _log(f"stopping: boots {i + 1}..{n} not run")
+            break
+    if rc == 0 and not args.keep_disks:
+        for img in run.glob("disk*.img"):
+            img.unlink(missing_ok=True)
+    sys.stderr.flush()
+    for i, r in enumerate(results, 1):
+        print(_boot_line(i, n, r), flush=True)
+    print(f"boots: exit {rc} after {time.monotonic() - t0:.1f}s; run {run}", flush=True)
+    return rc
+
+
 def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
     k = ensure_kernel(LAB_DIR / "kernel")
+    udev = _udev(args)
     shards = args.shards if args.shards > 0 else (1 if pytest_args else 2)
     size = parse_size(args.disk_size)
     _precompile()
@@ -226,7 +333,7 @@ def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
         name = "kernel-tests" if shards == 1 else f"kernel-tests-{i + 1}of{shards}"
         runs.append(_fresh_run_dir(name))
     _log(f"booting {shards} guest(s) with {k.version} ({args.cpus} vCPU, {args.memory}, "
-         f"{args.disks} x {args.disk_size} disks each): pytest {' '.join(pytest_args) or 'tests/kernel'}")
+         f"{args.disks} x {args.disk_size} disks each{', udev' if udev else ''}): pytest {' '.join(pytest_args) or 'tests/kernel'}")
     t0 = time.monotonic()
 
     def one(i: int) -> None:
@@ -237,7 +344,7 @@ def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
                 script, disks=[DiskSpec(run / f"disk{j}.img", size) for j in range(args.disks)],
                 rwdir=run / "results", memory=args.memory, cpus=args.cpus, timeout_s=args.timeout,
                 env=env, args=pytest_args, kernel=k, console_log=run / "console.log",
-                stream=sys.stdout if shards == 1 else streams[i],
+                stream=sys.stdout if shards == 1 else streams[i], udev=udev,
                 on_start=lambda s: _log(f"guest {i + 1}/{shards} up after {s:.1f}s"))
         except BaseException as e:  # noqa: BLE001 - reported below
             results[i] = e
@@ -274,8 +381,9 @@ def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
                 total[key] += int(c[key])
         boot = f"{r.boot_s:.1f}s" if r.boot_s is not None else "?"
         pyt = f"{c['time']:.1f}s" if c else "?"
-        lines.append(f"{tag}: status {r.exit_status}, boot {boot}, pytest {pyt}, guest total {r.elapsed:.1f}s, "
-                     f"results {r.results_dir}")
+        killed = " (qemu killed: it did not exit)" if r.killed_after_status else ""
+        lines.append(f"{tag}: status {r.exit_status}, boot {boot}, pytest {pyt}, guest total {r.elapsed:.1f}s"
+                     f"{killed}, results {r.results_dir}")
 
     for line in lines:
         _log(line)
@@ -316,8 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     ps = sub.add_parser("script", help="run a script in a lab guest", allow_abbrev=False)
     _add_lab_options(ps, disks=2, timeout=900)
     ps.add_argument("script")
+    pb = sub.add_parser("boots", help="run a script in N guests in a row on the same disks",
+                        allow_abbrev=False)
+    _add_lab_options(pb, disks=2, timeout=900)
+    pb.add_argument("--boots", type=int, default=2, help="how many guests to boot in a row (default 2)")
+    pb.add_argument("script")
+    pu = sub.add_parser("udev", help="fetch/unpack udev for --udev guests", allow_abbrev=False)
+    pu.add_argument("--refresh", action="store_true", help="fetch the package again")
 
-    if argv[:1] in (["kernel-tests"], ["script"]):
+    if argv[:1] in (["kernel-tests"], ["script"], ["boots"]):
         # Lab options anywhere; everything else (or all after `--`) goes to pytest / the script.
         head, sep, tail = argv, [], []
         if "--" in argv:
@@ -325,15 +440,19 @@ def main(argv: list[str] | None = None) -> int:
             head, sep, tail = argv[:k], ["--"], argv[k + 1:]
         args, rest = parser.parse_known_args(head + sep)
         rest = [a for a in rest if a != "--"] + tail
-        if args.cmd == "script":
+        if args.cmd in ("script", "boots"):
             args.script_args = rest
     else:
         args, rest = parser.parse_args(argv), []
     try:
         if args.cmd == "kernel":
             return cmd_kernel(args)
+        if args.cmd == "udev":
+            return cmd_udev(args)
         if args.cmd == "script":
             return cmd_script(args)
+        if args.cmd == "boots":
+            return cmd_boots(args)
         return cmd_kernel_tests(args, rest)
     except (KernelError, LabError, ValueError) as e:
         _log(f"error: {e}")

@@ -6,7 +6,17 @@ Host side of the contract with ``guest-init.sh``:
 * the host writes ``job.env`` there (what to run, with which environment);
 * the guest writes ``started`` when the wrapper begins, ``output.log`` (the script's
   stdout+stderr, live), ``dmesg.log``, ``guest-init.log`` and, last, ``status``
-  (the script's exit status, written atomically).
+  (the script's exit status, written atomically; or ``poweroff`` when the script exited
+  with ``LAB_POWEROFF`` and the wrapper cut the power: see below).
+
+Power-off convention: a script that exits with status ``LAB_POWEROFF`` (99) asks for a
+power cut. The wrapper saves dmesg (to the 9p results folder: no guest block device is
+touched), writes ``poweroff`` to ``status`` and runs ``echo o > /proc/sysrq-trigger``
+without any ``sync``: the guest's dirty page cache is lost, as on a real power loss. What the
+guest had *submitted* to a scratch disk is in the image file: the lab attaches the images
+with ``cache=unsafe``, so qemu writes each request to the image through the host page cache
+as it completes it (only flushes are ignored) and drains in-flight requests when it exits;
+the host page cache is shared by every process, so the next boot's qemu sees it all.
 
 vng's own exit status is not used: without udevd in the guest, virtme-ng-init finds no
 /dev/virtio-ports/* links, runs the script on the serial console instead and cannot
@@ -29,9 +39,15 @@ from typing import Callable, Mapping, Sequence, TextIO
 
 from . import LAB_DIR, REPO
 from .kernel import KernelImage, ensure_kernel
+from .udev import UdevTools
 
 GUEST_INIT = Path(__file__).resolve().with_name("guest-init.sh")
 DISK_SERIAL_PREFIX = "fiesnap-lab-"
+# A script exiting with this status asks for a power cut (see the module docstring).
+LAB_POWEROFF = 99
+# Once the guest has written its status, qemu must be gone within this many seconds, or the
+# host kills it and goes on (the status is already known).
+EXIT_GRACE_S = 60
 # Files the guest wrapper owns inside the results folder (cleared before each boot).
 _OWN_FILES = ("status", "status.tmp", "started", "output.log", "dmesg.log", "guest-init.log", "job.env", "disks")
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./+@%-]+$")
@@ -57,6 +73,9 @@ class GuestResult:
     results_dir: Path = field(default_factory=Path)
     console_log: Path = field(default_factory=Path)
     disks: list[str] = field(default_factory=list)  # guest device names, in DiskSpec order
+    powered_off: bool = False  # the script exited LAB_POWEROFF and the wrapper cut the power
+    exit_after_status_s: float | None = None  # status file seen -> qemu gone (about: 0.25 s polls)
+    killed_after_status: bool = False  # qemu outlived EXIT_GRACE_S after the status: killed
 
     @property
     def console_text(self) -> str:
@@ -67,7 +86,14 @@ class GuestResult:
 
     @property
     def ok(self) -> bool:
-        return self.exit_status == 0
+        """The script succeeded, or ended in a deliberate power-off."""
+        return self.exit_status == 0 or self.powered_off
+
+    @property
+    def status_text(self) -> str:
+        if self.exit_status is None:
+            return "timeout" if self.timed_out else "no status"
+        return "poweroff" if self.powered_off else str(self.exit_status)
 
 
 def parse_size(text: str | int) -> int:
@@ -163,6 +189,8 @@ def run_guest(
     modules: Sequence[str] = (),
     on_start: Callable[[float], None] | None = None,
     qemu_opts: Sequence[str] = (),
+    rwdirs: Sequence[str | os.PathLike] = (),
+    udev: UdevTools | None = None,
 ) -> GuestResult:
     """Boot a guest, run ``script_path`` (as root, cwd = repo) and collect the result.
 
@@ -177,6 +205,11 @@ def run_guest(
     modules: extra kernel modules to load before the script (virtio_blk, dm-mod and
         dm-snapshot always are).
     qemu_opts: extra qemu arguments (tokens), appended after the lab's own.
+    rwdirs: more host folders shared read-write at the same path (e.g. the ``boots``
+        command's carry folder); they must exist.
+    udev: start systemd-udevd from these unpacked udev package files in the guest
+        (the script sees FIESNAP_LAB_UDEV=1).
+    A script exiting LAB_POWEROFF gets a power cut: exit_status LAB_POWEROFF, powered_off.
     """
     t0 = time.monotonic()
     script = Path(script_path).resolve()
@@ -198,6 +231,11 @@ def run_guest(
 
     _check_path(rw, "results folder")
     _check_path(REPO, "repository")
+    shared = [Path(d).resolve() for d in rwdirs]
+    for d in shared:
+        if not d.is_dir():
+            raise LabError(f"shared folder {d} does not exist")
+        _check_path(d, "shared folder")
     drive_opts: list[str] = [
         # The host root again, as 9p tag "fiesnaproot": guest-init.sh mounts it with
         # cache=loose over the Python install and the venv (vng's own root mount is uncached).
@@ -223,8 +261,17 @@ def run_guest(
         "FIESNAP_LAB_NDISKS": str(len(disks)),
         "FIESNAP_LAB_TIMEOUT": str(guest_timeout),
         "FIESNAP_LAB_MODULES": " ".join(["virtio_blk", "dm_mod", "dm_snapshot", *modules]),
+        "FIESNAP_LAB_POWEROFF": str(LAB_POWEROFF),
         **(env or {}),
     }
+    if udev is not None:
+        job.update({
+            "FIESNAP_LAB_UDEV": "1",
+            "FIESNAP_LAB_UDEVADM": str(udev.udevadm),
+            "FIESNAP_LAB_UDEV_LIBEXEC": str(udev.libexec),
+            # block (default): coldplug only block devices; all: every device (~5 s more)
+            "FIESNAP_LAB_UDEV_COLDPLUG": os.environ.get("FIESNAP_LAB_UDEV_COLDPLUG", "block"),
+        })
     _write_job_env(rw, job, [str(a) for a in args])
 
     cmd = [
@@ -234,6 +281,7 @@ def run_guest(
         "--verbose",  # kernel console + wrapper messages -> console log
         "--cpus", str(cpus), "--memory", memory,
         f"--rwdir={rw}",
+        *(f"--rwdir={d}" for d in shared),
         "--exec", f"bash {GUEST_INIT} {rw}",
     ]
     if drive_opts:
@@ -246,6 +294,8 @@ def run_guest(
     tail = _Tail(rw / "output.log", stream)
     boot_s = None
     timed_out = False
+    status_seen: float | None = None
+    killed_after_status = False
     with open(console, "wb") as con:
         con.write(("# " + shlex.join(cmd) + "\n").encode())
         con.flush()
@@ -260,7 +310,15 @@ def run_guest(
                     if on_start:
                         on_start(boot_s)
                 tail.poll()
-                if time.monotonic() - t0 > timeout_s:
+                now = time.monotonic()
+                if status_seen is None and (rw / "status").exists():
+                    status_seen = now
+                if status_seen is not None and now - status_seen > EXIT_GRACE_S:
+                    # The guest is done but did not power off: the status is what counts.
+                    killed_after_status = True
+                    _kill_group(proc)
+                    break
+                if now - t0 > timeout_s:
                     timed_out = True
                     _kill_group(proc)
                     break
@@ -272,14 +330,24 @@ def run_guest(
             if proc.poll() is None:
                 _kill_group(proc)
     tail.poll()
-    elapsed = time.monotonic() - t0
+    t_end = time.monotonic()
+    elapsed = t_end - t0
+    if killed_after_status:
+        with open(console, "ab") as con:
+            con.write(f"\n# lab: qemu still running {EXIT_GRACE_S}s after the guest's status: killed\n".encode())
 
     status: int | None = None
+    powered_off = False
     try:
         text = (rw / "status").read_text().strip()
-        status = int(text)
+        if text == "poweroff":
+            status, powered_off = LAB_POWEROFF, True
+        else:
+            status = int(text)
     except (OSError, ValueError):
         status = None
+    if status is not None and status_seen is None:
+        status_seen = t_end  # written in the last poll interval
     try:
         log_text = (rw / "output.log").read_text(errors="replace")
     except OSError:
@@ -288,4 +356,7 @@ def run_guest(
         guest_disks = (rw / "disks").read_text().split()
     except OSError:
         guest_disks = []
-    return GuestResult(status, log_text, elapsed, boot_s, timed_out, rw, console, guest_disks)
+    return GuestResult(status, log_text, elapsed, boot_s, timed_out, rw, console, guest_disks,
+                       powered_off=powered_off,
+                       exit_after_status_s=None if status_seen is None else t_end - status_seen,
+                       killed_after_status=killed_after_status)
