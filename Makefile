@@ -2,10 +2,11 @@
 #
 #   make test    install what is missing (Debian packages, .venv, lab kernel and udev), then
 #                run the host unit tests, the real-kernel tests in the VM lab, the lab's
-#                two-boot power-cut self-test and the udev tests (a guest running udevd)
+#                two-boot self-test, the udev tests (a guest running udevd) and the
+#                three-boot power-cut tests
 #   make demo    same setup, then the demo script in a lab guest
 #   make lab     setup only
-#   make unit / kernel-tests / lab-selftest / udev-tests    one part of `make test`
+#   make unit / kernel-tests / lab-selftest / udev-tests / power-cut-tests    one part of `make test`
 #
 # Knobs: LAB_ARGS (e.g. LAB_ARGS="--shards 2"), PYTEST_ARGS (unit tests),
 #        KERNEL_TEST_ARGS (passed to pytest in the guest, e.g. KERNEL_TEST_ARGS="-k smoke -x").
@@ -31,8 +32,10 @@ KERNEL_TEST_ARGS ?=
 # The lab's own checks: power cut between two boots on the same disk; udev in a guest.
 LAB_SELFTEST := $(VPY) -m tests.lab boots tests/lab/selftest-boots.sh --boots 2 --disks 1 --disk-size 64M
 UDEV_TESTS := $(VPY) -m tests.lab kernel-tests --udev --disks 2 -- -m udev
+# Issue 3: setup, online start, power cut, activate, merge, power cut mid-merge, merge again.
+POWER_CUT_TESTS := $(VPY) -m tests.lab boots tests/kernel/power_loss.py --boots 3 --disks 3 --timeout 900
 
-.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests lab-selftest udev-tests clean-lab
+.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests lab-selftest udev-tests power-cut-tests clean-lab
 
 lab: sysdeps venv kernel udev
 
@@ -71,21 +74,25 @@ lab-selftest: lab
 udev-tests: lab
 	$(UDEV_TESTS)
 
+power-cut-tests: lab
+	$(POWER_CUT_TESTS)
+
 # Every part always runs; the target fails if any did (pytest's 5, "no tests", too).
-# The udev guest and the two-boot self-test (one guest at a time) run side by side once the
-# kernel tests' guests are done; the self-test's output follows the udev tests'.
+# After the kernel tests' guests: the power-cut tests (three boots) in one lane, the lab's
+# two-boot self-test and then the udev guest in the other; the power-cut output comes last.
 test: lab
-	@unit=0; kern=0; boots=0; udev=0; \
+	@unit=0; kern=0; boots=0; udev=0; power=0; \
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS) || unit=$$?; \
 	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS) || kern=$$?; \
 	log=$$(mktemp); \
-	$(LAB_SELFTEST) >"$$log" 2>&1 & bpid=$$!; \
+	$(POWER_CUT_TESTS) >"$$log" 2>&1 & ppid=$$!; \
+	$(LAB_SELFTEST) || boots=$$?; \
 	$(UDEV_TESTS) || udev=$$?; \
-	wait $$bpid || boots=$$?; \
-	echo "----- lab self-test: $(LAB_SELFTEST)"; cat "$$log"; rm -f "$$log"; \
-	if [ $$unit != 0 ] || [ $$kern != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ]; then \
+	wait $$ppid || power=$$?; \
+	echo "----- power-cut tests: $(POWER_CUT_TESTS)"; cat "$$log"; rm -f "$$log"; \
+	if [ $$unit != 0 ] || [ $$kern != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ] || [ $$power != 0 ]; then \
 	  echo "make test: FAILED (unit tests exit $$unit, kernel tests exit $$kern," \
-	    "lab self-test exit $$boots, udev tests exit $$udev)"; exit 1; \
+	    "lab self-test exit $$boots, udev tests exit $$udev, power-cut tests exit $$power)"; exit 1; \
 	fi
 
 demo: lab
