@@ -105,6 +105,25 @@ def parse_mountinfo(text: str, major: int, minor: int) -> list[str]:
     return points
 
 
+def parse_mount_source(text: str, path: str) -> tuple[int, int] | None:
+    """major:minor of the filesystem mounted last at exactly `path` in mountinfo `text` (pure).
+
+    Bind mounts count (os.path.ismount misses a bind mount from the same filesystem)."""
+    found = None
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) >= 5 and _unescape_mountinfo(fields[4]) == path:
+            major, _, minor = fields[2].partition(":")
+            found = (int(major), int(minor))
+    return found
+
+
+def mount_source(path: str) -> tuple[int, int] | None:
+    """The device mounted at `path` (resolved), or None if `path` is not a mount point here."""
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+        return parse_mount_source(f.read(), os.path.realpath(path))
+
+
 def mounts_of(major: int, minor: int) -> list[str]:
     """Where the device is mounted in this mount namespace (bind mounts included).
 

@@ -103,7 +103,7 @@ def start(
     chunk_size: str = typer.Option("4K", "--chunk-size", help="dm-snapshot chunk size, a power of two from 4K to 512K."),
     as_json: bool = typer.Option(False, "--json", help="Print the new checkpoint as JSON on stdout."),
 ) -> None:
-    """Take a checkpoint.
+    """Take a checkpoint: of NAME online (mounted and busy), or of an unmounted DEVICE.
 
     Of NAME (set up with 'fiesnap setup'): online, the filesystem may stay mounted and busy; it
     is frozen for a moment while /dev/mapper/NAME switches to snapshot-origin.
@@ -164,6 +164,19 @@ def deactivate(
 
 
 @app.command()
+def release(
+    name: str = typer.Argument(..., help="A device put under fiesnap with 'fiesnap setup'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Undo setup: remove the pass-through /dev/mapper/NAME and its record (no checkpoint, unmounted)."""
+    record = online.release(name, _dm_factory, StateStore(), _log)
+    if as_json:
+        _emit_json({"name": name, "device": record.device, "result": "released"})
+    else:
+        out.print(f"{name} released: mount {record.device} directly", markup=False)
+
+
+@app.command()
 def status(
     name: Optional[str] = typer.Argument(None, help="One checkpoint (default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Stable machine output on stdout; byte figures are integers."),
@@ -198,8 +211,9 @@ def commit(
 ) -> None:
     """Keep all changes: end the checkpoint and remove the snapshot, the store device and the store file.
 
-    If the filesystem is mounted on /dev/mapper/NAME it stays mounted (NAME becomes a plain
-    pass-through; run commit again after unmounting to remove it). Otherwise NAME is removed.
+    A device under fiesnap (setup) goes back to the pass-through /dev/mapper/NAME, mounted or not.
+    Otherwise: mounted on /dev/mapper/NAME it stays mounted as a plain pass-through (run commit
+    again after unmounting to remove it); unmounted, NAME is removed.
     """
     result = ops.commit(name, _dm_factory, StateStore(), _log)
     if as_json:

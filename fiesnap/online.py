@@ -155,10 +155,9 @@ def resolve_target(target: str, state: StateStore) -> str | None:
 
 
 def _mount_source_devno(path: str) -> int | None:
-    """st_dev of the filesystem mounted exactly at `path`, if `path` is a mount point."""
-    if not os.path.ismount(path):
-        return None
-    return os.stat(path).st_dev
+    """dev_t of the filesystem mounted exactly at `path`, if `path` is a mount point."""
+    src = blockdev.mount_source(path)
+    return None if src is None else os.makedev(*src)
 
 
 def _managed_name_of(devno: int, state: StateStore) -> str | None:
@@ -374,8 +373,8 @@ def activate(name: str | None, dm_factory, state: StateStore, log: Log, *,
         dm = dm_factory()
         results = []
         errors: list[FiesnapError] = []
+        deadline = time.monotonic() + wait_seconds  # one budget for all: boot waits at most this
         for r in records:
-            deadline = time.monotonic() + wait_seconds
             while True:
                 try:
                     results.append(_activate_one(dm, r, state, log))
@@ -438,3 +437,30 @@ def deactivate(name: str, dm_factory, state: StateStore, log: Log) -> list[str]:
         log(f"deactivated {name!r} ({record.phase}); 'fiesnap activate {name}' brings it back")
         return removed
 
+
+
+# --------------------------------------------------------------------- release
+
+def release(name: str, dm_factory, state: StateStore, log: Log) -> CheckpointRecord:
+    """Undo `setup`: remove the pass-through and the record; the device is mounted directly again."""
+    require_root()
+    with state.locked():
+        record = state.load(name)
+        if not record.managed:
+            raise RefusedError(
+                f"{name!r} was not made by 'fiesnap setup': end it with 'fiesnap commit' or 'fiesnap merge'"
+            )
+        if record.phase != "passthrough":
+            raise RefusedError(f"{name!r} has a checkpoint ({record.phase}): commit or merge it first")
+        dm = dm_factory()
+        info = dm.info(name)
+        if info is not None:
+            where = blockdev.mounts_of(info.major, info.minor)
+            if where:
+                raise RefusedError(f"/dev/mapper/{name} is mounted on {', '.join(where)}: unmount it first")
+            if info.open_count:
+                raise DeviceError(f"/dev/mapper/{name} is open by another program: close it first")
+            dm.remove(name)
+        state.delete(name)
+        log(f"released {record.device}: mount it directly again, and take /dev/mapper/{name} out of fstab")
+        return record

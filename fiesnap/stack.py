@@ -161,18 +161,27 @@ def switch_to_origin(dm, record: CheckpointRecord, window: Callable[[], ContextM
     """
     name = record.name
     dm.load(name, origin_targets(record))
-    suspended = resumed = False
+    undone = False
     try:
         with window():
             result = at_checkpoint()
             dm.suspend(name, lockfs=False)
-            suspended = True
-            dm.resume(name)
-            resumed = True
+            try:
+                dm.resume(name)
+            except BaseException as e:
+                # Still frozen: the thaw writes the superblock and would wait forever
+                # on a suspended NAME, so NAME must run again (old table) before it.
+                undone = True
+                try:
+                    _restore_live_table(dm, name, suspended=True)
+                except BaseException as e2:
+                    e.add_note(f"resuming /dev/mapper/{name} on its old table failed too: {e2}; "
+                               f"run 'dmsetup resume {name}' and 'fsfreeze -u' on its mount point")
+                raise
         return result
     except BaseException:
-        if not resumed:
-            _restore_live_table(dm, name, suspended)
+        if not undone:
+            _restore_live_table(dm, name, suspended=False)
         raise
 
 

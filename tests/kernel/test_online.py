@@ -183,6 +183,7 @@ def test_activate_refuses_a_store_whose_identity_does_not_match(lab):
     write_direct(lab.disk, off, good)
     lab.fiesnap("activate", "cp")
     assert lab.status("cp")["state"] == "active"
+    refused(lab, ["release", "cp"], REFUSED, "commit or merge it first")
     lab.fiesnap("commit", "cp")
 
 
@@ -242,6 +243,8 @@ def test_online_refusals(lab, tmp_path):
     lab.umount()
     lab.fiesnap("deactivate", "cp")
     refused(lab, ["start", "cp", "--size", "16M"], REFUSED, "fiesnap activate cp")
+    lab.fiesnap("release", "cp")  # undo setup: no device, no record
+    assert _fiesnap_devices() == [] and json.loads(lab.fiesnap("status", "--json").stdout)["checkpoints"] == []
 
 
 @pytest.mark.udev

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from fiesnap import fiemap, mounts, storefile
-from fiesnap.blockdev import dev_string, holders, mounts_of, open_block_device, parse_mountinfo
+from fiesnap.blockdev import dev_string, holders, mounts_of, open_block_device, parse_mount_source, parse_mountinfo
 from fiesnap.errors import DeviceError, FilesystemError, RefusedError, UsageError
 from fiesnap.extents import Extent
 from fiesnap.fiemap import FIEMAP_EXTENT_LAST, FIEMAP_EXTENT_UNWRITTEN, file_extents
@@ -56,6 +56,17 @@ def test_parse_mountinfo_matches_device_and_unescapes() -> None:
     )
     assert parse_mountinfo(text, 7, 3) == ["/mnt/with space", "/srv/bind"]
     assert parse_mountinfo(text, 7, 4) == []
+
+
+def test_parse_mount_source_takes_the_top_mount_and_unescapes() -> None:
+    text = (
+        "36 35 98:0 / /srv rw - ext4 /dev/sda1 rw\n"
+        "37 35 7:3 / /mnt/with\\040space rw - ext4 /dev/loop3 rw\n"
+        "38 36 8:17 /sub /srv rw - ext4 /dev/sdb1 rw\n"  # mounted over /srv later
+    )
+    assert parse_mount_source(text, "/srv") == (8, 17)
+    assert parse_mount_source(text, "/mnt/with space") == (7, 3)
+    assert parse_mount_source(text, "/mnt") is None
 
 
 def test_merge_ranges() -> None:
