@@ -111,6 +111,7 @@ def start(
     """
     size_bytes = _size(size, "--size")
     chunk_bytes = _size(chunk_size, "--chunk-size")
+    ops.require_root()
     state = StateStore()
     managed = online.resolve_target(target, state)
     if managed is not None:

@@ -149,6 +149,8 @@ class StateStore:
             entries = os.listdir(self.path)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise StateError(f"cannot read the state folder {self.path}: {os.strerror(e.errno or 0)}") from None
         return sorted(e[:-5] for e in entries if e.endswith(".json") and not e.startswith("."))
 
     def exists(self, name: str) -> bool:
