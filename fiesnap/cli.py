@@ -13,6 +13,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from . import __version__, online, ops
+from .extend import extend as grow_store
+from .extend import fs_room as extend_fs_room
+from .monitor import Monitor, MonitorPolicy, Sample, parse_step
 from .errors import FiesnapError, UsageError
 from .state import StateStore
 from .units import format_bytes, parse_size
@@ -127,6 +130,78 @@ def start(
     else:
         out.print(f"checkpoint {record.name} started: the filesystem is on /dev/mapper/{record.name}",
                   markup=False)
+
+
+@app.command()
+def extend(
+    name: str = typer.Argument(..., help="Checkpoint whose store to grow (mounted or not)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Grow the store file by SIZE (64M, 1G, ...)."),
+    to: Optional[str] = typer.Option(None, "--to", help="Grow the store file to SIZE."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Grow a live checkpoint's store online, using only chunks that were free at the checkpoint.
+
+    Chunks that were in use at the checkpoint (freed since, and handed to the store file) or that
+    have an exception stay allocated but unmapped: writing store data there would destroy
+    checkpoint data. Only NAME-cow is reloaded; no I/O is lost.
+    """
+    result = grow_store(name, _dm_factory, StateStore(), _log,
+                       by=_size(by, "--by") if by is not None else None,
+                       to=_size(to, "--to") if to is not None else None)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        out.print(f"{name}: store {format_bytes(result.store_bytes_before)} -> "
+                  f"{format_bytes(result.store_bytes_after)} ({result.plan.skipped_chunks} unsafe chunks skipped)",
+                  markup=False)
+
+
+@app.command()
+def monitor(
+    name: Optional[str] = typer.Argument(None, help="One checkpoint."),
+    all_: bool = typer.Option(False, "--all", help="Every active checkpoint (what the monitor unit runs)."),
+    threshold: float = typer.Option(50.0, "--threshold", help="Grow when the store is this % used."),
+    step: str = typer.Option("100%", "--step", help="How much to grow: SIZE (64M) or PCT of the store (50%)."),
+    max_size: Optional[str] = typer.Option(None, "--max", help="Never grow the store past SIZE."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between polls."),
+    once: bool = typer.Option(False, "--once", help="One round, then exit (1 if a checkpoint is lost)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every decision."),
+) -> None:
+    """Watch store usage and grow stores before they fill (foreground; see fiesnap-monitor.service).
+
+    Polls (the kernel raises no event for usage growth), grows by --step or by what the measured
+    write rate needs, warns at 80/90/95% and says loudly when the filesystem has no room left.
+    """
+    if bool(name) == all_:
+        raise UsageError("give exactly one of NAME or --all")
+    ops.require_root()
+    step_bytes, step_pct = parse_step(step)
+    policy = MonitorPolicy(threshold_pct=threshold, step_bytes=step_bytes, step_pct=step_pct,
+                           max_bytes=_size(max_size, "--max") if max_size else None, interval_s=interval)
+    state = StateStore()
+    dm = _dm_factory()
+
+    def names() -> list[str]:
+        if name:
+            return [name]
+        return [r.name for r in state.load_all() if r.phase == "active"]
+
+    def sample(n: str) -> Sample:
+        st = ops.status(lambda: dm, state, n)[0]
+        u = st.usage
+        return Sample(n, st.state, u.total_bytes if u and u.total_bytes else 0, u.used_bytes if u else 0)
+
+    def room(n: str) -> int:
+        return extend_fs_room(dm, state.load(n))
+
+    def log(level: str, msg: str) -> None:
+        if level != "debug" or verbose:
+            _say(f"fiesnap monitor: {level}: {msg}")
+
+    def grow(n: str, nbytes: int) -> object:
+        return grow_store(n, lambda: dm, state, lambda m: log("info", m), by=nbytes)
+
+    raise typer.Exit(Monitor(policy, names, sample, grow, room, log).run(once=once))
 
 
 @app.command()

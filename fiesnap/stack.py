@@ -219,12 +219,26 @@ def ensure_cow(dm, record: CheckpointRecord) -> str:
         dm.create(names.cow, uuid=dm_uuid(record.checkpoint_id, "cow"),
                   targets=cow_targets(record), udev_flags=HIDDEN)
     else:
-        if dm.table(names.cow) != cow_targets(record):
+        live, recorded = dm.table(names.cow), cow_targets(record)
+        if live != recorded and _grows_into(live, recorded):
+            # An extend recorded its longer map but died before reloading: finish it.
+            dm.load(names.cow, recorded)
+            dm.suspend(names.cow, lockfs=False)
+            dm.resume(names.cow)
+        elif live != recorded:
             raise DeviceMapperError(
                 f"{names.cow} exists but its table differs from the record: "
                 "remove it or check that the right checkpoint record is in use"
             )
     return dm.node_path(names.cow)
+
+
+def _grows_into(live: list[DmTarget], recorded: list[DmTarget]) -> bool:
+    """True if `recorded` is `live` with chunks appended (the last live segment may have grown)."""
+    if not live or len(live) > len(recorded) or live[:-1] != recorded[:len(live) - 1]:
+        return False
+    a, b = live[-1], recorded[len(live) - 1]
+    return (a.start, a.target_type, a.params) == (b.start, b.target_type, b.params) and a.length <= b.length
 
 
 def reload_as_passthrough(dm, record: CheckpointRecord) -> None:

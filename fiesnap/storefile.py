@@ -490,3 +490,59 @@ def _unlink_store(dir_fd: int, name: str, where: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(fd)
+
+
+def grow_store_file(mountpoint: str, relpath: str, new_size: int) -> tuple[Extent, ...]:
+    """Allocate the store file up to `new_size` bytes; return all its extents afterwards.
+
+    The blocks already in the file must not move (they hold a live store):
+    the layout of the old part is compared before and after. The immutable
+    flag is lifted only for the fallocate and set again whatever happens.
+    """
+    where = os.path.join(mountpoint, relpath)
+    dir_fd, fd = _open_store(mountpoint, relpath)
+    try:
+        old_size = os.fstat(fd).st_size
+        if new_size <= old_size or new_size % 512:
+            raise UsageError(f"new store file size {new_size} must exceed {old_size} and be a multiple of 512")
+        before = file_extents(fd)
+        set_immutable(fd, False)
+        try:
+            wfd = os.open(_name_of(relpath), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                a, b = os.fstat(wfd), os.fstat(fd)
+                if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                    raise RefusedError(f"{where} was replaced while being grown: inspect it by hand")
+                try:
+                    os.posix_fallocate(wfd, old_size, new_size - old_size)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise FilesystemError(
+                            f"not enough free space on {mountpoint} to grow the store by "
+                            f"{_human(new_size - old_size)}: free space or commit") from e
+                    raise FilesystemError(f"cannot grow {where}: {os.strerror(e.errno or 0)}; check dmesg") from e
+                os.fsync(wfd)
+            finally:
+                os.close(wfd)
+        finally:
+            set_immutable(fd, True)
+        after = file_extents(fd)
+        old_part = [e for e in after if e.logical < old_size]
+        if physical_layout(_clip(old_part, old_size)) != physical_layout(_clip(before, old_size)):
+            raise FilesystemError(f"the existing blocks of {where} moved while it grew: do not use this store")
+        if os.fstat(fd).st_size != new_size:
+            raise FilesystemError(f"{where} has the wrong size after fallocate: check dmesg")
+        return tuple(after)
+    finally:
+        os.close(fd)
+        os.close(dir_fd)
+
+
+def _clip(extents, size: int) -> list[Extent]:
+    """The extents cut at logical byte `size`."""
+    out = []
+    for e in extents:
+        if e.logical >= size:
+            continue
+        out.append(Extent(e.logical, e.physical, min(e.length, size - e.logical), e.flags))
+    return out
