@@ -87,28 +87,30 @@ def test_extend_grows_a_live_store_and_rollback_stays_exact(lab):
 
 
 def test_extend_skips_blocks_freed_since_the_checkpoint(lab):
-    """Trap 3. The filesystem is nearly full; a file that was live at the checkpoint is
-    deleted, so growing the store must take many of its blocks. Their checkpoint data was
-    never saved (a delete writes no data): mapped into the store, they would be overwritten
-    and the rollback would restore garbage there. extend must skip them."""
+    """Trap 3. A file live at the checkpoint is deleted and the blocks that were free at the
+    checkpoint are plugged (fallocate: no data, no COW), so growing the store must take the
+    deleted file's blocks. Their checkpoint data was never saved (a delete writes no data):
+    mapped into the store and written, the rollback would restore garbage there. extend must
+    skip them; the store then fills to 80% of what it offers, so every mapped chunk matters."""
     sc.online_setup(lab, "ext4-4k")
-    sh("fallocate", "-l", str(_avail(lab.mnt) - 112 * MiB), f"{lab.mnt}/filler")
+    sh("fallocate", "-l", str(_avail(lab.mnt) - 120 * MiB), f"{lab.mnt}/filler")
     _write_file(f"{lab.mnt}/victim.bin", 48 * MiB)  # live at the checkpoint, deleted after
-    _write_file(f"{lab.mnt}/rewrite.bin", 24 * MiB)  # overwritten after: forces COW
+    _write_file(f"{lab.mnt}/rewrite.bin", 40 * MiB)  # overwritten after: forces COW
     os.sync()
     before = tree_digest(lab.mnt)
     lab.fiesnap("start", "cp", "--size", "8M")
     first = sc.load_record(lab.state, "cp")
 
+    sh("fallocate", "-l", str(_avail(lab.mnt) - 10 * MiB), f"{lab.mnt}/plug")
     os.unlink(f"{lab.mnt}/victim.bin")
     os.sync()
-    out = json.loads(lab.fiesnap("extend", "cp", "--by", "60M", "--json").stdout)
-    assert out["skipped_live_at_checkpoint"] > 0, f"precondition: the store got freed blocks: {out}"
-    assert out["store_bytes_after"] > out["store_bytes_before"]
+    out = json.loads(lab.fiesnap("extend", "cp", "--by", "40M", "--json").stdout)
+    assert out["skipped_live_at_checkpoint"] * 4096 > 24 * MiB, f"precondition: the store got freed blocks: {out}"
+    assert out["store_bytes_after"] == out["store_bytes_before"] + out["added_chunks"] * 4096
 
-    _o_direct_overwrite(f"{lab.mnt}/rewrite.bin", 16 * MiB)
+    _o_direct_overwrite(f"{lab.mnt}/rewrite.bin", min(40 * MiB, int(out["store_bytes_after"] * 0.8) // MiB * MiB))
     st = lab.status("cp")
-    assert st["state"] == "active" and st["used_bytes"] > 16 * MiB, st
+    assert st["state"] == "active" and st["used_bytes"] > out["store_bytes_after"] // 2, st
     lab.umount()
     skip = _store_blocks(first, sc.load_record(lab.state, "cp"))
     checkpoint = device_digest("/dev/mapper/cp-snap", skip)  # the checkpoint view

@@ -59,7 +59,7 @@ def test_unit_is_shipped_as_package_data() -> None:
 
 
 def test_unit_follows_activate(text: str) -> None:
-    for key in ("After", "Requires"):
+    for key in ("After", "Wants"):
         assert "fiesnap-activate.service" in " ".join(_all_values(text, "Unit", key)).split(), key
     # a normal service: default dependencies order it after local filesystems
     # and stop it before they are unmounted
@@ -99,7 +99,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
         exe = REPO / ".venv" / "bin" / "fiesnap"
     if not os.access(exe, os.X_OK):
         pytest.skip("no fiesnap entry point in the venv (pip install -e .)")
-    # verify resolves Requires= in the unit's own folder: ship the pair together
+    # verify resolves Wants= in the unit's own folder: ship the pair together
     for unit in (UNIT, ACTIVATE):
         _local_copy(unit, exe, tmp_path)
     r = subprocess.run([analyze, "verify", str(tmp_path / UNIT.name)], capture_output=True, text=True,
