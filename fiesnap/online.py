@@ -40,8 +40,8 @@ from .fsmap import free_space
 from .identity import IDENTITY_BYTES, check_identity, decode_identity
 from .locate import Wanted, find_device
 from .ops import (
-    MIN_STORE_CHUNKS,
     check_chunk_size,
+    check_store_size,
     expected_identity,
     fill_checkpoint,
     identity_writer,
@@ -230,16 +230,7 @@ def start_online(req: OnlineStart, dm_factory, state: StateStore, log: Log) -> C
         taken = [n for n in (names.snap, names.cow) if dm.info(n) is not None]
         if taken:
             raise CheckpointNameError(f"device-mapper device {taken[0]!r} exists already: remove it first")
-        if req.size < MIN_STORE_CHUNKS * req.chunk_bytes:
-            raise UsageError(
-                f"store size {format_bytes(req.size)} is too small: use at least "
-                f"{format_bytes(MIN_STORE_CHUNKS * req.chunk_bytes)}"
-            )
-        if req.size >= record.device_bytes:
-            raise UsageError(
-                f"store size {format_bytes(req.size)} is not smaller than {record.device} "
-                f"({format_bytes(record.device_bytes)}): choose a smaller --size"
-            )
+        check_store_size(req.size, req.chunk_bytes, record.device_bytes, record.device)
         nodev = os.makedev(info.major, info.minor)
         _state_not_on(state, nodev, f"/dev/mapper/{name}")
         store_type = snapshot_store_type(dm)
@@ -386,16 +377,10 @@ def activate(name: str | None, dm_factory, state: StateStore, log: Log, *,
                 try:
                     results.append(_activate_one(dm, r, state, log))
                     break
-                except DeviceError as e:
-                    if time.monotonic() < deadline:
+                except FiesnapError as e:
+                    if isinstance(e, DeviceError) and time.monotonic() < deadline:
                         time.sleep(0.5)  # devices still appearing during boot
                         continue
-                    if name:
-                        raise
-                    errors.append(e)
-                    results.append(ActivateResult(r.name, "failed", str(e)))
-                    break
-                except FiesnapError as e:
                     if name:
                         raise
                     errors.append(e)
@@ -413,6 +398,17 @@ def activate(name: str | None, dm_factory, state: StateStore, log: Log, *,
 
 # --------------------------------------------------------------------- deactivate
 
+def _refuse_in_use(info, name: str) -> None:
+    """/dev/mapper/NAME may only go away when nothing has it mounted or open."""
+    if info is None:
+        return
+    where = blockdev.mounts_of(info.major, info.minor)
+    if where:
+        raise RefusedError(f"/dev/mapper/{name} is mounted on {', '.join(where)}: unmount it first")
+    if info.open_count:
+        raise DeviceError(f"/dev/mapper/{name} is open by another program: close it first")
+
+
 def deactivate(name: str, dm_factory, state: StateStore, log: Log) -> list[str]:
     """Take NAME's devices down, ending nothing: activate brings them back."""
     require_root()
@@ -420,13 +416,7 @@ def deactivate(name: str, dm_factory, state: StateStore, log: Log) -> list[str]:
         record = state.load(name)
         dm = dm_factory()
         names = StackNames.for_name(name)
-        origin = dm.info(names.origin)
-        if origin is not None:
-            where = blockdev.mounts_of(origin.major, origin.minor)
-            if where:
-                raise RefusedError(f"/dev/mapper/{name} is mounted on {', '.join(where)}: unmount it first")
-            if origin.open_count:
-                raise DeviceError(f"/dev/mapper/{name} is open by another program: close it first")
+        _refuse_in_use(dm.info(names.origin), name)
         snap = dm.info(names.snap)
         if snap is not None and snap.open_count:
             raise DeviceError(f"{names.snap} is open by another program: close it first")
@@ -461,12 +451,8 @@ def release(name: str, dm_factory, state: StateStore, log: Log) -> CheckpointRec
             raise RefusedError(f"{name!r} has a checkpoint ({record.phase}): commit or merge it first")
         dm = dm_factory()
         info = dm.info(name)
+        _refuse_in_use(info, name)
         if info is not None:
-            where = blockdev.mounts_of(info.major, info.minor)
-            if where:
-                raise RefusedError(f"/dev/mapper/{name} is mounted on {', '.join(where)}: unmount it first")
-            if info.open_count:
-                raise DeviceError(f"/dev/mapper/{name} is open by another program: close it first")
             dm.remove(name)
         state.delete(name)
         log(f"released {record.device}: mount it directly again, and take /dev/mapper/{name} out of fstab")

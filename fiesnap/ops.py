@@ -67,6 +67,19 @@ def check_chunk_size(chunk_bytes: int) -> int:
     return chunk_bytes
 
 
+def check_store_size(size: int, chunk_bytes: int, device_bytes: int, device: str) -> None:
+    if size < MIN_STORE_CHUNKS * chunk_bytes:
+        raise UsageError(
+            f"store size {format_bytes(size)} is too small: use at least "
+            f"{format_bytes(MIN_STORE_CHUNKS * chunk_bytes)}"
+        )
+    if size >= device_bytes:
+        raise UsageError(
+            f"store size {format_bytes(size)} is not smaller than {device} "
+            f"({format_bytes(device_bytes)}): choose a smaller --size"
+        )
+
+
 def snapshot_store_type(dm) -> str:
     """PO (overflow reported as Overflow, not Invalid) needs snapshot target >= 1.15."""
     version = dm.target_versions().get("snapshot")
@@ -128,16 +141,7 @@ def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> Checkpo
         raise DeviceError(
             f"{req.device} is in use by {', '.join(held)}: take that device down first"
         )
-    if req.size < MIN_STORE_CHUNKS * req.chunk_bytes:
-        raise UsageError(
-            f"store size {format_bytes(req.size)} is too small: use at least "
-            f"{format_bytes(MIN_STORE_CHUNKS * req.chunk_bytes)}"
-        )
-    if req.size >= dev.size_bytes:
-        raise UsageError(
-            f"store size {format_bytes(req.size)} is not smaller than {req.device} "
-            f"({format_bytes(dev.size_bytes)}): choose a smaller --size"
-        )
+    check_store_size(req.size, req.chunk_bytes, dev.size_bytes, req.device)
     fs = fsprobe.probe_device(req.device)
     if state.device_id() == os.makedev(dev.major, dev.minor):
         raise StateError(

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .helpers import MiB, device_digest, make_fs, tree_digest
+from .helpers import MiB, device_digest, fsck_clean, make_fs, tree_digest
 
 
 def populate(root: str, seed: int = 1) -> None:
@@ -201,3 +201,15 @@ def online_setup(lab, kind, name="cp"):
     lab.fiesnap("setup", lab.disk, "--name", name)
     lab.mount(f"/dev/mapper/{name}")
     populate(lab.mnt)
+
+
+def assert_fsck_clean(lab, dev: str, kind: str) -> None:
+    """fsck an unmounted filesystem after a rollback. XFS first gets a mount: freezing XFS
+    leaves its log covered but not clean, so an online checkpoint image (like a freeze-based
+    LVM snapshot) needs log recovery, which xfs_repair -n refuses to do; ext4's freeze leaves
+    a clean journal."""
+    if kind == "xfs":
+        lab.mount(dev)
+        lab.umount()
+    ok, log = fsck_clean(dev, kind)
+    assert ok, log

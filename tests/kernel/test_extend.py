@@ -13,7 +13,7 @@ import time
 import pytest
 
 from . import scenario as sc
-from .helpers import MiB, device_digest, differing_mib, fsck_clean, sh, tree_digest
+from .helpers import MiB, device_digest, differing_mib, sh, tree_digest
 
 
 def _o_direct_overwrite(path: str, nbytes: int, seed: int = 7) -> None:
@@ -49,6 +49,19 @@ def _store_blocks(first: sc.Record, last: sc.Record) -> list[tuple[int, int]]:
     return first.store_ranges + mapped
 
 
+def _rollback_is_exact(lab, first: sc.Record, before: dict, kind: str) -> None:
+    """Merge (unmounted) and check: device = checkpoint view outside the store's blocks, fsck
+    clean, every file as at the checkpoint."""
+    skip = _store_blocks(first, sc.load_record(lab.state, "cp"))
+    checkpoint = device_digest("/dev/mapper/cp-snap", skip)  # the checkpoint view
+    lab.fiesnap("merge", "cp", "--keep-store")
+    assert differing_mib(device_digest(lab.disk, skip), checkpoint) == []
+    sc.assert_fsck_clean(lab, "/dev/mapper/cp", kind)
+    lab.mount("/dev/mapper/cp", ro=True)
+    assert tree_digest(lab.mnt) == before
+    lab.umount()
+
+
 def _avail(path: str) -> int:
     sv = os.statvfs(path)
     return sv.f_bavail * sv.f_frsize
@@ -75,15 +88,7 @@ def test_extend_grows_a_live_store_and_rollback_stays_exact(lab):
     lab.fiesnap("activate", "cp")
     assert lab.status("cp")["used_bytes"] == st["used_bytes"]
 
-    skip = _store_blocks(first, sc.load_record(lab.state, "cp"))
-    checkpoint = device_digest("/dev/mapper/cp-snap", skip)  # the checkpoint view
-    lab.fiesnap("merge", "cp", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, skip), checkpoint) == []
-    ok, log = fsck_clean("/dev/mapper/cp", "ext4-4k")
-    assert ok, log
-    lab.mount("/dev/mapper/cp", ro=True)
-    assert tree_digest(lab.mnt) == before
-    lab.umount()
+    _rollback_is_exact(lab, first, before, "ext4-4k")
 
 
 def test_extend_skips_blocks_freed_since_the_checkpoint(lab):
@@ -112,15 +117,7 @@ def test_extend_skips_blocks_freed_since_the_checkpoint(lab):
     st = lab.status("cp")
     assert st["state"] == "active" and st["used_bytes"] > out["store_bytes_after"] // 2, st
     lab.umount()
-    skip = _store_blocks(first, sc.load_record(lab.state, "cp"))
-    checkpoint = device_digest("/dev/mapper/cp-snap", skip)  # the checkpoint view
-    lab.fiesnap("merge", "cp", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, skip), checkpoint) == []
-    ok, log = fsck_clean("/dev/mapper/cp", "ext4-4k")
-    assert ok, log
-    lab.mount("/dev/mapper/cp", ro=True)
-    assert tree_digest(lab.mnt) == before
-    lab.umount()
+    _rollback_is_exact(lab, first, before, "ext4-4k")
 
 
 @pytest.mark.parametrize("kind", ["ext4-4k", "xfs"])
@@ -166,15 +163,4 @@ def test_monitor_keeps_a_small_store_from_overflowing(lab, tmp_path, kind):
     assert st["state"] == "active" and st["store_bytes"] > 64 * MiB, st
     assert "grew" in mlog or "grown" in mlog, mlog
     lab.umount()
-    skip = _store_blocks(first, sc.load_record(lab.state, "cp"))
-    checkpoint = device_digest("/dev/mapper/cp-snap", skip)
-    lab.fiesnap("merge", "cp", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, skip), checkpoint) == []
-    if kind == "xfs":
-        lab.mount("/dev/mapper/cp")
-        lab.umount()
-    ok, out = fsck_clean("/dev/mapper/cp", kind)
-    assert ok, out
-    lab.mount("/dev/mapper/cp", ro=True)
-    assert tree_digest(lab.mnt) == before
-    lab.umount()
+    _rollback_is_exact(lab, first, before, kind)

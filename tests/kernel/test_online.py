@@ -39,17 +39,6 @@ def _without_writer(tree: dict) -> dict:
     return {k: v for k, v in tree.items() if k != "w" and not k.startswith("w/")}
 
 
-def assert_fsck_clean(dev: str, kind: str, lab) -> None:
-    """fsck an unmounted filesystem. XFS first gets a mount: freezing XFS leaves its log
-    covered but not clean, so the checkpoint image (like a freeze-based LVM snapshot) needs
-    log recovery, which xfs_repair -n refuses to do; ext4's freeze leaves a clean journal."""
-    if kind == "xfs":
-        lab.mount(dev)
-        lab.umount()
-    ok, log = fsck_clean(dev, kind)
-    assert ok, log
-
-
 def _fiesnap_devices() -> list[str]:
     return sorted(n for n in dm_names() if n == "cp" or n.startswith("cp-"))
 
@@ -81,7 +70,7 @@ def test_online_start_under_writer_then_rollback_is_exact(lab, tmp_path, kind, b
     assert out["chunks"] > 0 and not out["store_removed"]
     # Byte level: the device equals the checkpoint view outside the store file's blocks.
     assert differing_mib(device_digest(lab.disk, rec.store_ranges), checkpoint) == []
-    assert_fsck_clean("/dev/mapper/cp", kind, lab)
+    sc.assert_fsck_clean(lab, "/dev/mapper/cp", kind)
     st = lab.status("cp")
     assert st["state"] == "passthrough" and st["checkpoint_id"] is None
     assert _fiesnap_devices() == ["cp"]
