@@ -20,9 +20,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 from . import blockdev, fsprobe, mounts, storefile
 from .directio import AlignedBuffer, DirectDevice
@@ -196,14 +195,6 @@ def _check_std_streams(fs_dev: int, where: str) -> None:
             )
 
 
-@contextmanager
-def _fs_root(record: CheckpointRecord) -> Iterator[str]:
-    """The root of NAME's filesystem: a private mount of /dev/mapper/NAME (when NAME is
-    already mounted this shares its superblock, so freezing it freezes the user's mount)."""
-    with mounts.private_mount(f"/dev/mapper/{record.name}", record.fstype) as mnt:
-        yield mnt
-
-
 def start_online(req: OnlineStart, dm_factory, state: StateStore, log: Log) -> CheckpointRecord:
     """Checkpoint a managed device, mounted and busy or not."""
     require_root()
@@ -233,9 +224,16 @@ def start_online(req: OnlineStart, dm_factory, state: StateStore, log: Log) -> C
         check_store_size(req.size, req.chunk_bytes, record.device_bytes, record.device)
         nodev = os.makedev(info.major, info.minor)
         _state_not_on(state, nodev, f"/dev/mapper/{name}")
+        # The filesystem may have been re-made since setup: the checkpoint (and its identity
+        # block, and activate's search after a reboot) go by what is there now.
+        fs = fsprobe.probe_device(f"/dev/mapper/{name}")
+        record = replace(record, fs_uuid=fs.uuid, fstype=fs.fstype)
         store_type = snapshot_store_type(dm)
         checkpoint_id = uuid.uuid4().hex
-        with _fs_root(record) as mnt:
+        # A private mount of /dev/mapper/NAME: when NAME is mounted already it shares the
+        # superblock, so the store lands at the filesystem root and freezing it freezes the
+        # user's mount.
+        with mounts.private_mount(f"/dev/mapper/{name}", record.fstype) as mnt:
             fs_dev = os.stat(mnt).st_dev
             _state_not_on(state, fs_dev, f"/dev/mapper/{name}")
             _check_std_streams(fs_dev, f"/dev/mapper/{name}")
