@@ -7,6 +7,8 @@
 #   make demo    same setup, then the demo script in a lab guest
 #   make lab     setup only
 #   make unit / kernel-tests / lab-selftest / udev-tests / power-cut-tests    one part of `make test`
+#   make bench   the benchmarks (benchmarks/README.md) in lab guests, one after the other; not
+#                part of `make test`; results in .lab/runs/script-<bench>/results/
 #
 # Knobs: LAB_ARGS (e.g. LAB_ARGS="--shards 2"), PYTEST_ARGS (unit tests),
 #        KERNEL_TEST_ARGS (passed to pytest in the guest, e.g. KERNEL_TEST_ARGS="-k smoke -x").
@@ -35,7 +37,7 @@ UDEV_TESTS := $(VPY) -m tests.lab kernel-tests --udev --disks 2 -- -m udev
 # Issue 3: setup, online start, power cut, activate, merge, power cut mid-merge, merge again.
 POWER_CUT_TESTS := $(VPY) -m tests.lab boots tests/kernel/power_loss.py --boots 3 --disks 3 --timeout 900
 
-.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests lab-selftest udev-tests power-cut-tests clean-lab
+.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests lab-selftest udev-tests power-cut-tests bench clean-lab
 
 lab: sysdeps venv kernel udev
 
@@ -94,6 +96,13 @@ test: lab
 	  echo "make test: FAILED (unit tests exit $$unit, kernel tests exit $$kern," \
 	    "lab self-test exit $$boots, udev tests exit $$udev, power-cut tests exit $$power)"; exit 1; \
 	fi
+
+# Benchmarks report numbers, they do not pass or fail on speed (a run fails only if a script did).
+bench: lab
+	@rc=0; \
+	for b in monitor_bench hash_bench; do \
+	  $(VPY) -m tests.lab script benchmarks/$$b.py --disks 1 --disk-size 3G --timeout 1500 || rc=$$?; \
+	done; exit $$rc
 
 demo: lab
 	$(VPY) -m tests.lab script tests/lab/demo.sh $(LAB_ARGS)

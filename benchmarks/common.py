@@ -1,0 +1,147 @@
+"""Shared plumbing for the benchmarks (they run INSIDE a lab guest, as root).
+
+Not a test helper: nothing here asserts a speed. It runs fiesnap, reads snapshot usage
+in-process, writes with O_DIRECT, and writes the result files
+($FIESNAP_LAB_RESULTS/<bench>.json and <bench>.txt).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO = os.environ.get("FIESNAP_REPO") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from fiesnap.dm import DeviceMapper  # noqa: E402
+from fiesnap.snapstatus import parse_snapshot_status  # noqa: E402
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+def require_lab() -> tuple[str, str]:
+    """(scratch disk, results folder). In the lab guest: its first scratch disk. Elsewhere
+    (native hardware), only with FIESNAP_BENCH_DISK=/dev/XXX, a disk the benchmark may
+    destroy (mkfs), as root; results go to FIESNAP_BENCH_RESULTS (default: the cwd)."""
+    bench_disk = os.environ.get("FIESNAP_BENCH_DISK")
+    if os.geteuid() != 0 or (os.environ.get("FIESNAP_LAB") != "1" and not bench_disk):
+        sys.exit("run this in the VM lab: python -m tests.lab script benchmarks/<bench>.py "
+                 "--disks 1 --disk-size 3G --timeout 1500 (see benchmarks/README.md), or as root "
+                 "with FIESNAP_BENCH_DISK=/dev/XXX (a scratch disk it will overwrite)")
+    if bench_disk:
+        return bench_disk, os.environ.get("FIESNAP_BENCH_RESULTS", os.getcwd())
+    disks = os.environ.get("FIESNAP_LAB_DISKS", "").split()
+    if not disks:
+        sys.exit("no scratch disk: give the lab --disks 1")
+    return disks[0], os.environ.get("FIESNAP_LAB_RESULTS", "/tmp")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(*cmd: object, check: bool = True, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    argv = [str(c) for c in cmd]
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} -> exit {p.returncode}\n{p.stdout}{p.stderr}")
+    return p
+
+
+class Fiesnap:
+    """Run `python -m fiesnap` with a private state folder; remembers every call's wall time."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        self.env = dict(os.environ, FIESNAP_STATE_DIR=state_dir)
+        self.calls: list[tuple[str, float]] = []
+
+    def __call__(self, *args: object, check: bool = True) -> subprocess.CompletedProcess:
+        t0 = time.monotonic()
+        p = sh(sys.executable, "-m", "fiesnap", *args, check=False, env=self.env)
+        dt = time.monotonic() - t0
+        self.calls.append((" ".join(str(a) for a in args), dt))
+        if check and p.returncode != 0:
+            raise RuntimeError(f"fiesnap {' '.join(map(str, args))} -> exit {p.returncode}\n{p.stdout}{p.stderr}")
+        return p
+
+    def status(self, name: str) -> dict:
+        return json.loads(self("status", name, "--json").stdout)["checkpoints"][0]
+
+    def record(self, name: str) -> dict:
+        with open(os.path.join(self.state_dir, f"{name}.json")) as f:
+            return json.load(f)
+
+
+class Usage:
+    """The kernel's snapshot status read in-process (one ioctl, no python start)."""
+
+    def __init__(self, name: str):
+        self.snap = f"{name}-snap"
+        self.dm = DeviceMapper()
+
+    def __call__(self) -> tuple[str, int, int]:
+        """(state, used bytes, store bytes); used/store are 0 when not active."""
+        lines = self.dm.status(self.snap)
+        u = parse_snapshot_status(lines[0].params if lines else "Invalid")
+        return u.state, u.used_bytes or 0, u.total_bytes or 0
+
+
+def aligned_buffer(nbytes: int, fill: bytes | None = None) -> mmap.mmap:
+    """Page-aligned buffer for O_DIRECT (mmap memory is page aligned)."""
+    buf = mmap.mmap(-1, nbytes)
+    buf[:] = fill if fill is not None else os.urandom(nbytes)
+    return buf
+
+
+def machine() -> dict:
+    """What the numbers were measured on (the lab guest: qemu TCG, no KVM)."""
+    def first(path: str, key: str) -> str:
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(key):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return ""
+
+    targets = sh("dmsetup", "targets", check=False).stdout.split("\n")
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu_model": first("/proc/cpuinfo", "model name"),
+        "mem_total": first("/proc/meminfo", "MemTotal"),
+        "emulation": ("qemu TCG (no KVM), lab guest" if os.environ.get("FIESNAP_LAB") == "1"
+                      else f"not the lab (FIESNAP_BENCH_DISK={os.environ.get('FIESNAP_BENCH_DISK')})"),
+        "dm_targets": {t.split()[0]: t.split()[1] for t in targets if t.strip()
+                       and t.split()[0] in ("snapshot", "snapshot-origin", "linear")},
+        "python": platform.python_version(),
+    }
+
+
+def write_results(results_dir: str, bench: str, data: dict, summary: list[str]) -> None:
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, f"{bench}.json"), "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    text = "\n".join(summary) + "\n"
+    with open(os.path.join(results_dir, f"{bench}.txt"), "w") as f:
+        f.write(text)
+    print("\n" + text, flush=True)
+
+
+def median(xs: list[float]) -> float | None:
+    s = sorted(xs)
+    if not s:
+        return None
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
