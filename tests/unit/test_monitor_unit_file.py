@@ -8,7 +8,6 @@ next to the activate unit it requires) must verify cleanly.
 
 from __future__ import annotations
 
-import configparser
 import os
 import shlex
 import shutil
@@ -25,27 +24,8 @@ UNIT = SYSTEMD / "fiesnap-monitor.service"
 ACTIVATE = SYSTEMD / "fiesnap-activate.service"
 REPO = Path(__file__).resolve().parents[2]
 
-
-def _parse(text: str) -> configparser.ConfigParser:
-    cp = configparser.ConfigParser(strict=False, interpolation=None, comment_prefixes=("#", ";"),
-                                   empty_lines_in_values=False)
-    cp.optionxform = str  # type: ignore[assignment,method-assign]
-    cp.read_string(text)
-    return cp
-
-
-def _all_values(text: str, section: str, key: str) -> list[str]:
-    """Every value of a (possibly repeated) key: configparser keeps only the last one."""
-    out, current = [], None
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("[") and line.endswith("]"):
-            current = line[1:-1]
-        elif current == section and "=" in line and not line.startswith(("#", ";")):
-            k, v = line.split("=", 1)
-            if k.strip() == key:
-                out.append(v.strip())
-    return out
+# One parser for both shipped units (pytest puts tests/unit on sys.path).
+from test_systemd_unit import _all_values, _parse  # noqa: E402
 
 
 @pytest.fixture(scope="module")
