@@ -100,7 +100,8 @@ def extend(name: str, dm_factory, state: StateStore, log: Log, *,
         old_size = record.store_file_bytes
 
         with mounts.private_mount(f"/dev/mapper/{name}", record.fstype) as mnt:
-            storefile.check_free_space(mnt, new_size - old_size, label=f"/dev/mapper/{name}")
+            storefile.check_free_space(mnt, new_size - old_size, label=f"/dev/mapper/{name}",
+                                       hint="grow by less, or free space on the filesystem")
             grown = storefile.grow_store_file(mnt, record.store_relpath, new_size)
             record.store_extents = [[e.logical, e.physical, e.length, e.flags] for e in grown]
             record.store_file_bytes = new_size

@@ -115,7 +115,8 @@ def plan_merge(
         if hit is not None:
             raise RefusedError(
                 f"merge would overwrite device chunk {hit}, which holds the snapshot "
-                "store itself; refusing (nothing was written)"
+                "store itself; refusing (nothing was written): this store cannot be rolled back "
+                "safely (please report it); 'fiesnap commit' keeps the current data"
             )
         if sources is not None:
             missing = next(

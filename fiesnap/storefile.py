@@ -170,7 +170,8 @@ def _check_space(root_fd: int, mountpoint: str, size: int) -> int:
     return usable
 
 
-def check_free_space(mountpoint: str, size: int, *, label: str | None = None) -> int:
+def check_free_space(mountpoint: str, size: int, *, label: str | None = None,
+                     hint: str = "choose a smaller --size") -> int:
     """Refuse a store larger than the free space minus the margin; return the usable bytes.
 
     `label` names the filesystem in the message (a device path reads better
@@ -183,12 +184,13 @@ def check_free_space(mountpoint: str, size: int, *, label: str | None = None) ->
         os.close(fd)
     usable = max(0, sv.f_bavail * sv.f_frsize - space_margin(sv.f_blocks * sv.f_frsize))
     if size > usable:
-        raise FilesystemError(_no_space_message(label or mountpoint, size, usable))
+        raise FilesystemError(_no_space_message(label or mountpoint, size, usable, hint))
     return usable
 
 
-def _no_space_message(mountpoint: str, size: int, usable: int) -> str:
-    return f"not enough free space on {mountpoint}: need {_human(size)}, have {_human(usable)}; choose a smaller --size"
+def _no_space_message(mountpoint: str, size: int, usable: int,
+                      hint: str = "choose a smaller --size") -> str:
+    return f"not enough free space on {mountpoint}: need {_human(size)}, have {_human(usable)}; {hint}"
 
 
 def _discard(fd: int, dir_fd: int, name: str) -> list[str]:

@@ -120,11 +120,62 @@ def test_extend_skips_blocks_freed_since_the_checkpoint(lab):
     _rollback_is_exact(lab, first, before, "ext4-4k")
 
 
+_UNSAFE_EXTEND = """
+import sys
+import fiesnap.extend as ext
+real = ext.plan_extension
+def without_exception_rule(grown, chunk_bytes, *, free_at_checkpoint, excepted, mapped):
+    grown = list(grown)
+    honest = real(grown, chunk_bytes, free_at_checkpoint=free_at_checkpoint, excepted=excepted, mapped=mapped)
+    print("EXCEPTED", honest.excepted, file=sys.stderr)
+    return real(grown, chunk_bytes, free_at_checkpoint=free_at_checkpoint, excepted=ext.chunk_set(()), mapped=mapped)
+ext.plan_extension = without_exception_rule
+from fiesnap.cli import main
+sys.argv = ["fiesnap", *sys.argv[1:]]
+main()
+"""
+
+
+def test_merge_refuses_a_store_grown_over_saved_chunks(lab):
+    """Issue 4, merge planning for grown stores: a chunk written after the checkpoint (so it has
+    an exception: its checkpoint data sits in the store) and freed again must never join the
+    store, or the merge would copy the saved data back over store chunks. extend skips such
+    chunks; here that rule is switched off in-process (the only way to get there), and the
+    merge must refuse with a clear error and write nothing."""
+    sc.online_setup(lab, "ext4-4k")
+    sh("tune2fs", "-m", "0", "/dev/mapper/cp")  # no root reserve: the plug below takes it all
+    sh("fallocate", "-l", str(_avail(lab.mnt) - 140 * MiB), f"{lab.mnt}/filler")
+    _write_file(f"{lab.mnt}/keep.bin", 4 * MiB)
+    os.sync()
+    lab.fiesnap("start", "cp", "--size", "64M")
+    _write_file(f"{lab.mnt}/temp.bin", 40 * MiB)  # free at the checkpoint, written now: exceptions
+    sh("fallocate", "-l", str(_avail(lab.mnt) - 2 * MiB), f"{lab.mnt}/plug")
+    os.unlink(f"{lab.mnt}/temp.bin")
+    os.sync()
+    p = subprocess.run([sys.executable, "-c", _UNSAFE_EXTEND, "extend", "cp", "--by", "24M", "--json"],
+                       capture_output=True, text=True, env=dict(os.environ, FIESNAP_STATE_DIR=lab.state))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    excepted = int(p.stderr.split("EXCEPTED ")[1].split()[0])
+    assert excepted * 4096 > 8 * MiB, f"precondition: the honest rule would skip saved chunks: {p.stderr}"
+    assert out["added_chunks"] >= excepted, (out, p.stderr)
+    lab.umount()
+    before = device_digest(lab.disk, [])
+    m = lab.fiesnap("merge", "cp", check=False)
+    assert m.returncode == 7, (m.returncode, m.stdout, m.stderr)
+    assert "holds the snapshot store itself" in m.stderr and m.stderr.count("\n") == 1, m.stderr
+    assert differing_mib(device_digest(lab.disk, []), before) == [], "a refused merge wrote to the device"
+    assert sc.load_record(lab.state, "cp").raw["phase"] == "active"
+
+
+ROUNDS = 20  # x 10 MiB of churn
+
+
 @pytest.mark.parametrize("kind", ["ext4-4k", "xfs"])
 def test_monitor_keeps_a_small_store_from_overflowing(lab, tmp_path, kind):
-    """Issue 4: an 8 MiB store, the monitor running, ~120 MiB of churn that deletes
-    checkpoint-time files and writes new ones into the freed space: never overflows, and the
-    rollback is exact."""
+    """Issue 4: an 8 MiB store, the monitor running, 200 MiB of churn that deletes
+    checkpoint-time files and writes new ones into the freed space (then deletes and rewrites
+    those too): never overflows, and the rollback is exact."""
     sc.online_setup(lab, kind)
     os.makedirs(f"{lab.mnt}/bulk")
     for i in range(12):
@@ -143,15 +194,20 @@ def test_monitor_keeps_a_small_store_from_overflowing(lab, tmp_path, kind):
         while "debug" not in open(tmp_path / "monitor.log").read():  # its first poll is done
             assert mon.poll() is None and time.monotonic() < deadline, open(tmp_path / "monitor.log").read()
             time.sleep(0.2)
-        for i in range(12):  # delete a checkpoint-time file, write new ones into its space
-            os.unlink(f"{lab.mnt}/bulk/old{i:02d}.bin")
+        for i in range(ROUNDS):  # 10 MiB a round: 12 rounds free checkpoint-time files, then
+            if i < 12:           # 8 more free the first rounds' new files
+                os.unlink(f"{lab.mnt}/bulk/old{i:02d}.bin")
+            else:
+                for j in range(5):
+                    os.unlink(f"{lab.mnt}/bulk/new{i - 12:02d}-{j}.bin")
             for j in range(5):
                 _write_file(f"{lab.mnt}/bulk/new{i:02d}-{j}.bin", 2 * MiB)
                 time.sleep(1.0)  # a paced writer (~2 MiB/s); the limits are a benchmark's job
-            st = lab.status("cp")
-            if st["state"] != "active":
-                pytest.fail(f"round {i}: {st['state']}\n" + open(tmp_path / "monitor.log").read())
-        _o_direct_overwrite(f"{lab.mnt}/bulk/new00-0.bin", 2 * MiB)
+            if i % 5 == 4:  # an overflow is permanent: checking now and then only fails sooner
+                st = lab.status("cp")
+                if st["state"] != "active":
+                    pytest.fail(f"round {i}: {st['state']}\n" + open(tmp_path / "monitor.log").read())
+        _o_direct_overwrite(f"{lab.mnt}/bulk/new{ROUNDS - 1:02d}-0.bin", 2 * MiB)
     finally:
         mon.terminate()
         rc = mon.wait(timeout=60)
@@ -160,7 +216,10 @@ def test_monitor_keeps_a_small_store_from_overflowing(lab, tmp_path, kind):
     print(mlog)
     assert rc == 0, mlog
     st = lab.status("cp")
-    assert st["state"] == "active" and st["store_bytes"] > 64 * MiB, st
+    sv = os.statvfs(lab.mnt)
+    print(f"after {ROUNDS * 10} MiB of churn: store {st['store_bytes'] // MiB} MiB, used "
+          f"{st['used_bytes'] // MiB} MiB, fs free {sv.f_bavail * sv.f_frsize // MiB} MiB")
+    assert st["state"] == "active" and st["used_bytes"] > 120 * MiB, st  # 120 MiB of new files live at once
     assert "grew" in mlog or "grown" in mlog, mlog
     lab.umount()
     _rollback_is_exact(lab, first, before, kind)
