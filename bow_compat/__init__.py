@@ -1,1 +1,2 @@
-"""dm-bow compatible backup-on-write model (issue 5); empty until then."""
+"""dm-bow compatible backup-on-write: its state machine, on-disk log, trace replay and the
+restore tool (docs/bow-format.md)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Optional
 
@@ -16,6 +15,7 @@ from . import __version__, online, ops
 from .extend import extend as grow_store
 from .extend import fs_room as extend_fs_room
 from .monitor import Monitor, MonitorPolicy, Sample, parse_step
+from .clirun import run_app, say
 from .errors import FiesnapError, UsageError
 from .state import StateStore
 from .units import format_bytes, parse_size
@@ -39,10 +39,7 @@ def _dm_factory():
     return DeviceMapper()
 
 
-def _say(line: str) -> None:
-    """One unwrapped line on stderr (rich would wrap it at the terminal width)."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+_say = say
 
 
 def _log(msg: str) -> None:
@@ -345,25 +342,5 @@ def version() -> None:
 
 
 def main() -> None:
-    try:
-        rv = app(standalone_mode=False)
-        if isinstance(rv, int) and rv:
-            sys.exit(rv)
-    except FiesnapError as e:
-        _say(f"fiesnap: error: {e}")
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        _say("fiesnap: interrupted; re-run the same command to finish or undo cleanly")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors (typer vendors click) and bugs
-        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
-            _say(f"fiesnap: error: {e.format_message()} (see 'fiesnap --help')")
-            sys.exit(UsageError.exit_code)
-        if type(e).__name__ == "Abort":
-            sys.exit(130)
-        if os.environ.get("FIESNAP_DEBUG"):
-            raise
-        _say(f"fiesnap: internal error: {type(e).__name__}: {e} (FIESNAP_DEBUG=1 shows a traceback)")
-        sys.exit(1)
+    run_app(app, "fiesnap", known=(FiesnapError,),
+            interrupted="re-run the same command to finish or undo cleanly")

@@ -1,0 +1,5 @@
+"""python -m bow_compat == bow-compat."""
+
+from .cli import main
+
+main()

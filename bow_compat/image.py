@@ -1,0 +1,90 @@
+"""Byte-addressed access to the device image dm-bow works on.
+
+Everything in bow_compat (the backup-on-write model, restore, inspect) reads and writes through
+this one small interface, so the same code runs over an image file, a block device, or a
+bytearray in property tests, and tests can cut power after the N-th write.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+
+class Image(Protocol):
+    """A device image: reads and writes at byte offsets, and a durability barrier."""
+
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def sync(self) -> None:
+        """Everything written so far is durable when this returns (fsync)."""
+
+
+class MemoryImage:
+    """An image held in memory (tests, property tests)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.buf = bytearray(data)
+        self.size = len(self.buf)
+
+    def read(self, offset: int, length: int) -> bytes:
+        _check(offset, length, self.size)
+        return bytes(self.buf[offset:offset + length])
+
+    def write(self, offset: int, data: bytes) -> None:
+        _check(offset, len(data), self.size)
+        self.buf[offset:offset + len(data)] = data
+
+    def sync(self) -> None:
+        pass
+
+
+class FileImage:
+    """An image file or block device opened read-write (or read-only for inspect)."""
+
+    def __init__(self, path: str | os.PathLike, *, writable: bool = True) -> None:
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)  # also right for block devices
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def read(self, offset: int, length: int) -> bytes:
+        _check(offset, length, self.size)
+        out = bytearray()
+        while len(out) < length:
+            chunk = os.pread(self.fd, length - len(out), offset + len(out))
+            if not chunk:
+                raise OSError(f"{self.path}: short read at byte {offset + len(out)}")
+            out += chunk
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        _check(offset, len(data), self.size)
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "FileImage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check(offset: int, length: int, size: int) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"I/O of {length} bytes at {offset} is outside the {size}-byte image")
