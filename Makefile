@@ -102,7 +102,9 @@ bench: lab
 	@rc=0; \
 	for b in monitor_bench hash_bench; do \
 	  $(VPY) -m tests.lab script benchmarks/$$b.py --disks 1 --disk-size 3G --timeout 1500 || rc=$$?; \
-	done; exit $$rc
+	done; \
+	$(VPY) -m tests.lab script benchmarks/bow_bench.py --disks 3 --disk-size 1G --timeout 1500 || rc=$$?; \
+	exit $$rc
 
 demo: lab
 	$(VPY) -m tests.lab script tests/lab/demo.sh $(LAB_ARGS)
