@@ -46,7 +46,7 @@ import time
 from common import MiB, Fiesnap, log, machine, sh, write_results  # noqa: E402 (sets sys.path)
 
 from bow_compat.capture import capture
-from bow_compat.image import FileImage
+from bow_compat.image import FileImage, copy_prefix
 from bow_compat.logwrites import read_log
 from bow_compat.model import BowDevice
 from bow_compat.replay import replay, replay_entries
@@ -116,17 +116,6 @@ def workload(root: str, seed: int) -> None:
         with open(f"{root}/app/res/r{i:04d}.dat", "wb") as f:
             f.write(rnd.randbytes(rnd.randint(100, 16000)))
     os.sync()
-
-
-def copy(src: str, dst: str, size: int) -> None:
-    with open(src, "rb") as s, open(dst, "r+b" if dst.startswith("/dev/") else "wb") as d:
-        left = size
-        while left:
-            buf = s.read(min(4 * MiB, left))
-            d.write(buf)
-            left -= len(buf)
-        d.flush()
-        os.fsync(d.fileno())
 
 
 def timed(fn) -> float:
@@ -220,7 +209,7 @@ def main() -> int:
     sv = os.statvfs(MNT)
     used_at_checkpoint = (sv.f_blocks - sv.f_bfree) * sv.f_frsize
     sh("umount", MNT)
-    copy(data, base, fs_bytes)
+    copy_prefix(data, base, fs_bytes)
 
     log("peer A, dm-bow: capture the workload with dm-log-writes")
     t_capture = timed(lambda: capture(data, logdev, MNT, lambda r: workload(r, args.seed),
@@ -231,18 +220,18 @@ def main() -> int:
     log(f"  replay into a file: {t_model:.1f} s; backup {rep['backup_bytes'] // 1024} KiB, "
         f"log writes {rep['log_bytes'] // 1024} KiB in {rep['log_sectors']} log sectors")
     cow = cow_model(logdev, mark)
-    copy(base, data, fs_bytes)
+    copy_prefix(base, data, fs_bytes)
     t_plain_trace = replay_plain(logdev, data, mark)
-    copy(base, data, fs_bytes)
+    copy_prefix(base, data, fs_bytes)
     t_bow, rep_disk = replay_bow_on_disk(logdev, data, mark)
     log(f"  on disk: plain trace {t_plain_trace:.1f} s, through dm-bow {t_bow:.1f} s")
 
     log("peer B, fiesnap: the same workload on a live checkpoint, and on the plain mount")
-    copy(base, data, fs_bytes)
+    copy_prefix(base, data, fs_bytes)
     sh("mount", data, MNT)
     t_plain_fs = timed(lambda: workload(MNT, args.seed))
     sh("umount", MNT)
-    copy(base, data, fs_bytes)
+    copy_prefix(base, data, fs_bytes)
     fs = Fiesnap(STATE)
     store = fs_bytes // 4  # room for every chunk the workload writes (it is not the subject here)
     fs("start", data, "--size", str(store), "--name", NAME)

@@ -7,7 +7,9 @@ bytearray in property tests, and tests can cut power after the N-th write.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from typing import Protocol
 
 
@@ -83,6 +85,22 @@ class FileImage:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def copy_prefix(src: str | os.PathLike, dst: str | os.PathLike, size: int) -> None:
+    """Copy the first `size` bytes of `src` to `dst` (a file it creates, or an existing block
+    device it overwrites in place) and fsync; an image is often a prefix of a larger disk."""
+    dst_is_dev = os.path.exists(dst) and stat.S_ISBLK(os.stat(dst).st_mode)
+    with open(src, "rb") as fi, open(dst, "r+b" if dst_is_dev else "wb") as fo:
+        left = size
+        while left:
+            buf = fi.read(min(1 << 22, left))
+            if not buf:
+                raise OSError(errno.EIO, f"{os.fspath(src)} ended {left} bytes short of {size}")
+            fo.write(buf)
+            left -= len(buf)
+        fo.flush()
+        os.fsync(fo.fileno())
 
 
 def _check(offset: int, length: int, size: int) -> None:

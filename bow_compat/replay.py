@@ -13,7 +13,6 @@ into place at the end, so a failed replay leaves no OUT (and no half-written one
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable
@@ -22,7 +21,7 @@ from typing import Any
 
 from bow_compat.errors import BowUsageError
 from bow_compat.format import SECTOR, valid_block_size
-from bow_compat.image import FileImage
+from bow_compat.image import FileImage, copy_prefix
 from bow_compat.logwrites import LogWrite, read_log
 from bow_compat.model import BowDevice, BowNoSpaceError, State
 
@@ -127,7 +126,7 @@ def replay(log: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLi
         os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would have made OUT, not mkstemp's 0600
         os.close(fd)
         try:
-            _copy_image(base, tmp, base_size)
+            copy_prefix(base, tmp, base_size)
             with FileImage(tmp) as image:
                 device = BowDevice(image, block_size, sync_each_step=False)
                 result = replay_entries(trace.entries(), device, mark=mark,
@@ -162,13 +161,6 @@ def _precheck(entries: Iterable[LogWrite], mark: str, base_size: int, block_size
     if top > base_size:
         raise BowUsageError(f"the log writes up to byte {top} (sector {top // SECTOR}) but {base} "
                             f"is only {base_size} bytes: wrong base image?")
-
-
-def _copy_image(src: str, dst: str, size: int) -> None:
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        shutil.copyfileobj(fi, fo, 1 << 20)
-        if fo.tell() != size:
-            raise BowUsageError(f"{src}: read {fo.tell()} bytes, expected {size}")
 
 
 def _is_blockdev(path: str) -> bool:

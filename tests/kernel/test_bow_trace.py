@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from bow_compat.capture import capture
+from bow_compat.image import copy_prefix
 from bow_compat.logwrites import read_log
 
 from . import scenario as sc
@@ -19,17 +20,6 @@ from .helpers import MiB, sh, tree_digest
 
 FS_BYTES = 128 * MiB  # the traced filesystem: base, checkpoint and replayed images are this big
 BLOCK = 4096
-
-
-def _copy(src: str, dst: str, size: int) -> None:
-    with open(src, "rb") as s, open(dst, "wb") as d:
-        left = size
-        while left:
-            buf = s.read(min(4 * MiB, left))
-            d.write(buf)
-            left -= len(buf)
-        d.flush()
-        os.fsync(d.fileno())
 
 
 def _free_at_mark(log_path: str, mark: str, blocks: int) -> bytearray:
@@ -73,7 +63,7 @@ def test_bow_replay_and_restore_of_a_real_ext4_trace(scratch_disks, tmp_path):
         before = tree_digest(mnt)
         sh("umount", mnt)
         base, cp_img, out = f"{wdir}/base.img", f"{wdir}/checkpoint.img", f"{wdir}/out.img"
-        _copy(data, base, FS_BYTES)
+        copy_prefix(data, base, FS_BYTES)
 
         def workload(root: str) -> None:
             sc.churn(root)
@@ -81,7 +71,7 @@ def test_bow_replay_and_restore_of_a_real_ext4_trace(scratch_disks, tmp_path):
                 f.write(os.urandom(8 * MiB))
 
         capture(data, logdev, mnt, workload, sectors=FS_BYTES // 512,
-                at_checkpoint=lambda _m: _copy(data, cp_img, FS_BYTES))  # frozen: the exact image
+                at_checkpoint=lambda _m: copy_prefix(data, cp_img, FS_BYTES))  # frozen: the exact image
 
         p = _bow("replay", logdev, "--base", base, "--out", out, "--json")
         assert p.returncode == 0, p.stderr
@@ -108,7 +98,7 @@ def test_bow_replay_and_restore_of_a_real_ext4_trace(scratch_disks, tmp_path):
                     differ.append(blk)
         assert differ == [], f"{len(differ)} blocks differ from the checkpoint, first {differ[:10]}"
 
-        _copy(out, data, FS_BYTES)  # onto a real block device for fsck and mount
+        copy_prefix(out, data, FS_BYTES)  # onto a real block device for fsck and mount
         sh("e2fsck", "-fn", data)
         sh("mount", "-o", "ro", data, mnt)
         try:
