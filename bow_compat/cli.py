@@ -72,11 +72,13 @@ def replay(
     base: str = typer.Option(..., "--base", help="Device image when logging began (only read)."),
     out_image: str = typer.Option(..., "--out", help="Image to create: the device as dm-bow leaves it."),
     mark: str = typer.Option("checkpoint", "--mark", help="Log mark that starts the checkpoint."),
-    block_size: int = typer.Option(4096, "--block-size", help="dm-bow block size (512..4096, power of two)."),
+    block_size: int = typer.Option(4096, "--block-size", help="Block size: a power of two, 512..65536 (dm-bow itself takes 512..4096)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Replay LOG onto a copy of BASE through dm-bow: entries before the mark are applied as they
-    are (their discards are the free space), then backup-on-write. OUT appears only on success."""
+    """Replay a dm-log-writes trace onto a copy of BASE through dm-bow.
+
+    Entries before the mark are applied as they are (their discards are the free space), the
+    rest with backup-on-write. OUT appears only on success; BASE is never modified."""
     with _Bar("replay", in_bytes=False) as bar:
         res = run_replay(log, base, out_image, mark=mark, block_size=block_size, progress=bar)
     d = res.to_dict()
@@ -96,8 +98,10 @@ def restore(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only validate the log and show the plan."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Roll IMAGE back to its dm-bow checkpoint in place. Validates the whole log and every
-    checksum before writing anything; an interrupted restore is finished by running it again."""
+    """Roll IMAGE back to its dm-bow checkpoint, in place.
+
+    Validates the whole log and every checksum before writing anything (a corrupt log: exit 8,
+    nothing written); an interrupted restore is finished by running it again."""
     with FileImage(image, writable=not dry_run) as img:
         if dry_run:
             plan = plan_restore(img)
@@ -117,8 +121,10 @@ def inspect(
     image: str = typer.Argument(..., help="Image file or block device holding a dm-bow log."),
     as_json: bool = typer.Option(False, "--json", help="Print the log as JSON."),
 ) -> None:
-    """Print IMAGE's dm-bow log (every log sector and entry, checksums verified); changes nothing.
-    Exits 8 if the log is corrupt, after printing what could be read."""
+    """Print IMAGE's dm-bow log; changes nothing.
+
+    Every log sector and entry, checksums verified. Exits 8 if the log is corrupt, after
+    printing what could be read."""
     with FileImage(image, writable=False) as img:
         d = bow_inspect.describe(img)
     _emit(d, as_json, bow_inspect.render_text(d))

@@ -84,21 +84,22 @@ def test_bow_replay_and_restore_of_a_real_ext4_trace(scratch_disks, tmp_path):
         log = json.loads(p.stdout)
         assert log["valid"] and log["entries"] == rep["log_entries"], log
 
-        p = _bow("restore", out, "--json")
+        copy_prefix(out, data, FS_BYTES)  # the device as dm-bow left it: restore it in place
+        p = _bow("restore", data, "--json")
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["bytes_copied"] == log["bytes_to_copy"]
+        assert _bow("restore", data).returncode == 7  # nothing left to restore
 
         free = _free_at_mark(logdev, "checkpoint", FS_BYTES // BLOCK)
         assert sum(free) > (FS_BYTES // BLOCK) // 4, "precondition: fstrim reported free space"
         differ = []
-        with open(out, "rb") as a, open(cp_img, "rb") as b:
+        with open(data, "rb") as a, open(cp_img, "rb") as b:
             for blk in range(FS_BYTES // BLOCK):
                 x, y = a.read(BLOCK), b.read(BLOCK)
                 if x != y and not free[blk]:
                     differ.append(blk)
         assert differ == [], f"{len(differ)} blocks differ from the checkpoint, first {differ[:10]}"
 
-        copy_prefix(out, data, FS_BYTES)  # onto a real block device for fsck and mount
         sh("e2fsck", "-fn", data)
         sh("mount", "-o", "ro", data, mnt)
         try:
