@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ ACTIVATE = SYSTEMD / "fiesnap-activate.service"
 REPO = Path(__file__).resolve().parents[2]
 
 # One parser for both shipped units (pytest puts tests/unit on sys.path).
-from test_systemd_unit import _all_values, _parse  # noqa: E402
+from test_systemd_unit import _all_values, _local_copy, _parse, _verify_tools  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,24 +59,8 @@ def test_unit_service(text: str) -> None:
     assert shlex.split(activate_start)[0] == argv[0]
 
 
-def _local_copy(unit: Path, exe: Path, dest: Path) -> None:
-    text = unit.read_text()
-    (start,) = _all_values(text, "Service", "ExecStart")
-    argv = shlex.split(start)
-    local = text.replace(f"ExecStart={start}", f"ExecStart={shlex.join([str(exe.absolute()), *argv[1:]])}")
-    assert local != text
-    (dest / unit.name).write_text(local)
-
-
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not installed")
-    exe = Path(sys.prefix) / "bin" / "fiesnap"
-    if not os.access(exe, os.X_OK):
-        exe = REPO / ".venv" / "bin" / "fiesnap"
-    if not os.access(exe, os.X_OK):
-        pytest.skip("no fiesnap entry point in the venv (pip install -e .)")
+    analyze, exe = _verify_tools()
     # verify resolves Wants= in the unit's own folder: ship the pair together
     for unit in (UNIT, ACTIVATE):
         _local_copy(unit, exe, tmp_path)

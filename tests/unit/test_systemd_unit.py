@@ -95,7 +95,8 @@ def test_unit_comment_references_exist(text: str) -> None:
         assert (REPO / doc).is_file(), doc
 
 
-def test_systemd_analyze_verify(text: str, tmp_path: Path) -> None:
+def _verify_tools() -> tuple[str, Path]:
+    """(systemd-analyze, the venv's fiesnap entry point), or skip the test."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed")
@@ -104,12 +105,23 @@ def test_systemd_analyze_verify(text: str, tmp_path: Path) -> None:
         exe = REPO / ".venv" / "bin" / "fiesnap"
     if not os.access(exe, os.X_OK):
         pytest.skip("no fiesnap entry point in the venv (pip install -e .)")
+    return analyze, exe
+
+
+def _local_copy(unit: Path, exe: Path, dest: Path) -> None:
+    """`unit` copied into `dest` with ExecStart pointing at `exe` (verify needs it to exist)."""
+    text = unit.read_text()
     (start,) = _all_values(text, "Service", "ExecStart")
     argv = shlex.split(start)
     local = text.replace(f"ExecStart={start}", f"ExecStart={shlex.join([str(exe.absolute()), *argv[1:]])}")
     assert local != text
-    copy = tmp_path / UNIT.name
-    copy.write_text(local)
-    r = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=120)
+    (dest / unit.name).write_text(local)
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze, exe = _verify_tools()
+    _local_copy(UNIT, exe, tmp_path)
+    r = subprocess.run([analyze, "verify", str(tmp_path / UNIT.name)], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == "", r.stderr
