@@ -19,8 +19,8 @@ REPO = os.environ.get("FIESNAP_REPO") or os.path.dirname(os.path.dirname(os.path
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from fiesnap.dm import DeviceMapper  # noqa: E402
-from fiesnap.snapstatus import parse_snapshot_status  # noqa: E402
+from fiesnap.kernel.dm import DeviceMapper  # noqa: E402
+from fiesnap.model.snapstatus import parse_snapshot_status  # noqa: E402
 
 MiB = 1 << 20
 KiB = 1 << 10

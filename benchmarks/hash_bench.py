@@ -51,7 +51,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (KiB, MiB, Fiesnap, Usage, aligned_buffer, log, machine, median,  # noqa: E402
                     require_lab, sh, write_results)
-from fiesnap.units import parse_size  # noqa: E402
+from fiesnap.model.units import parse_size  # noqa: E402
 
 NAME = "hb"
 STATE = "/tmp/hb-state"
@@ -83,7 +83,7 @@ def cow_chunks(record: dict) -> int:
 def fill_and_map(mnt: str) -> dict[int, str]:
     """Fill the filesystem with fallocated 32 MiB files; return {group: file} for every 1 MiB
     physical group that lies entirely inside one file's extent."""
-    from fiesnap.fiemap import raw_file_extents
+    from fiesnap.kernel.fiemap import raw_file_extents
 
     os.makedirs(f"{mnt}/fill", exist_ok=True)
     covered: dict[int, str] = {}

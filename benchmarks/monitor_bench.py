@@ -236,10 +236,10 @@ def trial(fs: Fiesnap, data: str, rate: float, total_mib: int) -> dict:
 def extend_peer(fs: Fiesnap, data: str, reps: int) -> dict:
     """A bare extension by 32 MiB of a live 8 MiB store (4 MiB used), as a CLI call and
     in-process (what the monitor does); plus what a poll and a python start cost."""
-    from fiesnap.extend import extend
-    from fiesnap.ops import status as ops_status
-    from fiesnap.state import StateStore
-    from fiesnap.dm import DeviceMapper
+    from fiesnap.commands.extend import extend
+    from fiesnap.commands.ops import status as ops_status
+    from fiesnap.services.statedir import StateStore
+    from fiesnap.kernel.dm import DeviceMapper
 
     log("peer: fiesnap extend --by 32M")
     fs("start", NAME, "--size", START_SIZE)

@@ -18,9 +18,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from fiesnap.dm import DeviceMapper
-from fiesnap.dmtable import DmTarget
-from fiesnap.freeze import frozen
+from fiesnap.kernel.dm import DeviceMapper
+from fiesnap.model.dmtable import DmTarget
+from fiesnap.kernel.freeze import frozen
 
 SECTOR = 512
 

@@ -1,3 +1,3 @@
-from .cli import main
+from fiesnap.cli import main
 
 main()

@@ -11,14 +11,16 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from . import __version__, online, ops
-from .extend import extend as grow_store
-from .extend import fs_room as extend_fs_room
-from .monitor import Monitor, MonitorPolicy, Sample, parse_step
-from .clirun import run_app, say
-from .errors import FiesnapError, UsageError
-from .state import StateStore
-from .units import format_bytes, parse_size
+from fiesnap import __version__
+from fiesnap.commands import online
+from fiesnap.commands import ops
+from fiesnap.commands.extend import extend as grow_store
+from fiesnap.commands.extend import fs_room as extend_fs_room
+from fiesnap.commands.monitor import Monitor, MonitorPolicy, Sample, parse_step
+from fiesnap.clirun import run_app, say
+from fiesnap.errors import FiesnapError, UsageError
+from fiesnap.services.statedir import StateStore
+from fiesnap.model.units import format_bytes, parse_size
 
 app = typer.Typer(
     add_completion=False,
@@ -34,7 +36,7 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _dm_factory():
-    from .dm import DeviceMapper
+    from fiesnap.kernel.dm import DeviceMapper
 
     return DeviceMapper()
 

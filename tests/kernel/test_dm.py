@@ -1,4 +1,4 @@
-"""fiesnap.dm against a real kernel device-mapper (run inside the lab guest as root).
+"""fiesnap.kernel.dm against a real kernel device-mapper (run inside the lab guest as root).
 
 Run by the lab: ``python -m tests.lab kernel-tests tests/kernel/test_dm.py``.
 Uses the lab's `scratch_disk` and `dm_prefix` fixtures when tests/kernel/conftest.py
@@ -19,14 +19,14 @@ import uuid as uuidlib
 
 import pytest
 
-from fiesnap.dm import (
+from fiesnap.kernel.dm import (
     DM_DEVICE_INFO,
     DeviceMapper,
     DmInfo,
     UDEV_FLAGS_PRIVATE_LAYER,
     udev_running,
 )
-from fiesnap.dmtable import DmTarget
+from fiesnap.model.dmtable import DmTarget
 from fiesnap.errors import DeviceMapperError
 
 from .helpers import dev_size
@@ -462,7 +462,7 @@ def test_libdm_makes_nodes_itself_without_udev(dm, names, disk_dev, caplog):
     removes /dev/mapper/NAME: fiesnap's fallback is not needed."""
     if udev_running():
         pytest.skip("udev is running")
-    caplog.set_level("DEBUG", logger="fiesnap.dm")
+    caplog.set_level("DEBUG", logger="fiesnap.kernel.dm")
     name = names("libdmnode")
     di = dm.create(name, targets=linear(disk_dev, 0, 2048))
     assert_block_node(dm, name, di)

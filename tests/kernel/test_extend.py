@@ -122,7 +122,7 @@ def test_extend_skips_blocks_freed_since_the_checkpoint(lab):
 
 _UNSAFE_EXTEND = """
 import sys
-import fiesnap.extend as ext
+import fiesnap.commands.extend as ext
 real = ext.plan_extension
 def without_exception_rule(grown, chunk_bytes, *, free_at_checkpoint, excepted, mapped):
     grown = list(grown)

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from fiesnap.identity import IDENTITY_BYTES, decode_identity, encode_identity
+from fiesnap.model.identity import IDENTITY_BYTES, decode_identity, encode_identity
 
 from . import scenario as sc
 from .helpers import (

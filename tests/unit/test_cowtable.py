@@ -4,10 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fiesnap.cowtable import CowTable, Segment
-from fiesnap.dmtable import DmTarget
+from fiesnap.model.cowtable import CowTable, Segment
+from fiesnap.model.dmtable import DmTarget
 from fiesnap.errors import StateError
-from fiesnap.extents import ChunkRun, ChunkSet
+from fiesnap.model.extents import ChunkRun, ChunkSet
 
 CB = 4096
 CS = CB // 512

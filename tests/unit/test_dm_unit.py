@@ -1,4 +1,4 @@
-"""fiesnap.dm without a kernel device-mapper: ABI layouts, parsing, checks, errors.
+"""fiesnap.kernel.dm without a kernel device-mapper: ABI layouts, parsing, checks, errors.
 
 Nothing here runs a libdevmapper task (that would open /dev/mapper/control);
 the real-kernel side is tests/kernel/test_dm.py.
@@ -14,8 +14,8 @@ import struct
 
 import pytest
 
-from fiesnap import dm as dmmod
-from fiesnap.dm import (
+from fiesnap.kernel import dm as dmmod
+from fiesnap.kernel.dm import (
     DM_NAMES_NAME_OFFSET,
     DM_VERSIONS_NAME_OFFSET,
     LIBDM_MISSING,
@@ -34,7 +34,7 @@ from fiesnap.dm import (
     parse_dm_versions,
     udev_running,
 )
-from fiesnap.dmtable import DmTarget
+from fiesnap.model.dmtable import DmTarget
 from fiesnap.errors import DeviceMapperError
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from fiesnap.dmtable import DmTarget, format_table, linear, snapshot, snapshot_origin
+from fiesnap.model.dmtable import DmTarget, format_table, linear, snapshot, snapshot_origin
 
 
 def test_linear():

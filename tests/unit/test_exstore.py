@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fiesnap.errors import StoreFormatError
-from fiesnap.exstore import (
+from fiesnap.model.exstore import (
     DISK_VERSION,
     SNAP_MAGIC,
     CowException,

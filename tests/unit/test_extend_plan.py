@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fiesnap.extend_plan import chunk_set, new_extents, plan_extension
-from fiesnap.extents import ChunkRun, ChunkSet, Extent
+from fiesnap.model.extend_plan import chunk_set, new_extents, plan_extension
+from fiesnap.model.extents import ChunkRun, ChunkSet, Extent
 
 C = 4096
 

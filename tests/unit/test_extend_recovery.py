@@ -8,14 +8,15 @@ from dataclasses import replace
 
 import pytest
 
-from fiesnap import online, stack
-from fiesnap.cowtable import CowTable
-from fiesnap.dmtable import linear
+from fiesnap.commands import online
+from fiesnap.services import stack
+from fiesnap.model.cowtable import CowTable
+from fiesnap.model.dmtable import linear
 from fiesnap.errors import DeviceMapperError, RefusedError
-from fiesnap.extents import ChunkRun
-from fiesnap.identity import encode_identity
-from fiesnap.ops import expected_identity
-from fiesnap.state import CheckpointRecord
+from fiesnap.model.extents import ChunkRun
+from fiesnap.model.identity import encode_identity
+from fiesnap.commands.ops import expected_identity
+from fiesnap.services.statedir import CheckpointRecord
 
 MiB = 1 << 20
 

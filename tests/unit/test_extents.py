@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fiesnap.errors import FilesystemError
-from fiesnap.extents import (
+from fiesnap.model.extents import (
     ChunkRun,
     ChunkSet,
     Extent,

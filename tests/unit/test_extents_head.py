@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fiesnap.errors import FilesystemError
-from fiesnap.extents import Extent, head_location, physical_layout, whole_chunks, without_head
+from fiesnap.model.extents import Extent, head_location, physical_layout, whole_chunks, without_head
 
 HEAD = 4096
 UNWRITTEN = 0x800

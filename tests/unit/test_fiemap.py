@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fiesnap.errors import FilesystemError
-from fiesnap.extents import Extent
-from fiesnap.fiemap import (
+from fiesnap.model.extents import Extent
+from fiesnap.kernel.fiemap import (
     FIEMAP_EXTENT_DATA_ENCRYPTED,
     FIEMAP_EXTENT_DATA_INLINE,
     FIEMAP_EXTENT_DATA_TAIL,

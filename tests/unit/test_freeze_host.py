@@ -20,8 +20,8 @@ import pytest
 from test_host_adapters import MKFS, host, loop_image  # noqa: F401  (host: fixture)
 
 from fiesnap.errors import FilesystemError, UsageError
-from fiesnap.freeze import FIFREEZE, FITHAW, frozen
-from fiesnap.mounts import private_mount
+from fiesnap.kernel.freeze import FIFREEZE, FITHAW, frozen
+from fiesnap.kernel.mounts import private_mount
 
 KINDS = ["ext4-4k", "xfs"]
 
@@ -124,7 +124,7 @@ def test_not_a_mount_point(tmp_path: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import os, signal, sys, time
-    from fiesnap.freeze import frozen
+    from fiesnap.kernel.freeze import frozen
     mp, report, signame = sys.argv[1:]
     sig = getattr(signal, signame)
     def say(line):

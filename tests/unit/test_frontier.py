@@ -1,4 +1,4 @@
-from fiesnap.exstore import encode_store, scan_frontier, StoreHeader, encode_header, SNAP_MAGIC
+from fiesnap.model.exstore import encode_store, scan_frontier, StoreHeader, encode_header, SNAP_MAGIC
 
 
 def _reader(chunks, cb):

@@ -24,15 +24,17 @@ from pathlib import Path
 
 import pytest
 
-from fiesnap import fiemap, mounts, storefile
-from fiesnap.blockdev import dev_string, holders, mounts_of, open_block_device, parse_mount_source, parse_mountinfo
+from fiesnap.kernel import fiemap
+from fiesnap.kernel import mounts
+from fiesnap.services import storefile
+from fiesnap.kernel.blockdev import dev_string, holders, mounts_of, open_block_device, parse_mount_source, parse_mountinfo
 from fiesnap.errors import DeviceError, FilesystemError, RefusedError, UsageError
-from fiesnap.extents import Extent
-from fiesnap.fiemap import FIEMAP_EXTENT_LAST, FIEMAP_EXTENT_UNWRITTEN, file_extents
-from fiesnap.fsmap import free_space, merge_ranges
-from fiesnap.fsprobe import check_statfs, probe_device, probe_superblock
-from fiesnap.mounts import private_mount
-from fiesnap.storefile import (
+from fiesnap.model.extents import Extent
+from fiesnap.kernel.fiemap import FIEMAP_EXTENT_LAST, FIEMAP_EXTENT_UNWRITTEN, file_extents
+from fiesnap.kernel.fsmap import free_space, merge_ranges
+from fiesnap.kernel.fsprobe import check_statfs, probe_device, probe_superblock
+from fiesnap.kernel.mounts import private_mount
+from fiesnap.services.storefile import (
     StoreFile,
     create_store_file,
     is_immutable,

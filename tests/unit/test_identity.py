@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fiesnap.errors import RefusedError, StoreFormatError
-from fiesnap.identity import (
+from fiesnap.model.identity import (
     IDENTITY_BYTES,
     MAGIC,
     StoreIdentity,

@@ -17,8 +17,8 @@ import pytest
 from test_host_adapters import MKFS, _losetup, host  # noqa: F401  (host: fixture)
 
 from fiesnap.errors import DeviceError
-from fiesnap.fsprobe import probe_device
-from fiesnap.locate import SYS_CLASS_BLOCK, Wanted, find_device
+from fiesnap.kernel.fsprobe import probe_device
+from fiesnap.kernel.locate import SYS_CLASS_BLOCK, Wanted, find_device
 
 MiB = 1 << 20
 SIZE = 37 * MiB

@@ -3,15 +3,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fiesnap.errors import RefusedError, StoreFormatError
-from fiesnap.exstore import (
+from fiesnap.model.exstore import (
     CowException,
     ExceptionTable,
     allocate_new_chunks,
     encode_store,
     read_exception_table,
 )
-from fiesnap.extents import ChunkRun, ChunkSet
-from fiesnap.merge_plan import CopyRun, MergePlan, plan_merge
+from fiesnap.model.extents import ChunkRun, ChunkSet
+from fiesnap.model.merge_plan import CopyRun, MergePlan, plan_merge
 
 CB = 4096
 NOTHING = ChunkSet()
@@ -131,7 +131,7 @@ def test_plan_properties(args):
 
 
 def test_sources_must_be_backed():
-    from fiesnap.cowtable import CowTable
+    from fiesnap.model.cowtable import CowTable
 
     cow = CowTable.from_runs([ChunkRun(1000, 6)], CB).append_hole(4).append_runs([ChunkRun(2000, 4)])
     ok = table([(10, 2), (11, 3), (12, 12)])

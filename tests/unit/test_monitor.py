@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fiesnap.errors import DeviceMapperError, FilesystemError, FiesnapError, RefusedError, UsageError
-from fiesnap.monitor import Decision, Monitor, MonitorPolicy, Sample, decide, parse_step
+from fiesnap.commands.monitor import Decision, Monitor, MonitorPolicy, Sample, decide, parse_step
 
 M = 1024**2
 G = 1024**3
@@ -485,10 +485,10 @@ def test_fast_writer_never_overflows() -> None:
 
 
 def test_fast_writer_overflows_without_rate_headroom(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fiesnap.monitor
+    import fiesnap.commands.monitor
 
-    monkeypatch.setattr(fiesnap.monitor, "RATE_TRIGGER_INTERVALS", 0)
-    monkeypatch.setattr(fiesnap.monitor, "RATE_GROWTH_INTERVALS", 0)
+    monkeypatch.setattr(fiesnap.commands.monitor, "RATE_TRIGGER_INTERVALS", 0)
+    monkeypatch.setattr(fiesnap.commands.monitor, "RATE_GROWTH_INTERVALS", 0)
     w = World({"data": Checkpoint(store=8 * M, rate=3 * M)})
     w.monitor(MonitorPolicy(step_bytes=4 * M)).run(max_rounds=60)
     assert w.cps["data"].state == "invalid"
@@ -577,7 +577,7 @@ def test_signal_during_the_sleep_stops_the_wait() -> None:
 
 
 def test_import_installs_no_signal_handler() -> None:
-    code = ("import signal, fiesnap.monitor; "
+    code = ("import signal, fiesnap.commands.monitor; "
             "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL; "
             "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from test_host_adapters import MKFS, host, loop_image  # noqa: F401  (host: fixture)
 
-from fiesnap import online
-from fiesnap.blockdev import BlockDevice
-from fiesnap.cowtable import CowTable
-from fiesnap.dm import DmInfo
+from fiesnap.commands import online
+from fiesnap.kernel.blockdev import BlockDevice
+from fiesnap.model.cowtable import CowTable
+from fiesnap.kernel.dm import DmInfo
 from fiesnap.errors import (
     CheckpointNameError,
     DeviceError,
@@ -29,11 +29,11 @@ from fiesnap.errors import (
     StoreFormatError,
     UsageError,
 )
-from fiesnap.extents import ChunkRun
-from fiesnap.identity import IDENTITY_BYTES, encode_identity
-from fiesnap.mounts import private_mount
-from fiesnap.ops import expected_identity
-from fiesnap.state import CheckpointRecord, StateStore
+from fiesnap.model.extents import ChunkRun
+from fiesnap.model.identity import IDENTITY_BYTES, encode_identity
+from fiesnap.kernel.mounts import private_mount
+from fiesnap.commands.ops import expected_identity
+from fiesnap.services.statedir import CheckpointRecord, StateStore
 
 MiB = 1 << 20
 SETUP_ID = "5" * 32

@@ -13,13 +13,13 @@ from contextlib import contextmanager
 
 import pytest
 
-from fiesnap import stack
-from fiesnap.cowtable import CowTable
-from fiesnap.dm import DmInfo
-from fiesnap.dmtable import DmTarget
+from fiesnap.services import stack
+from fiesnap.model.cowtable import CowTable
+from fiesnap.kernel.dm import DmInfo
+from fiesnap.model.dmtable import DmTarget
 from fiesnap.errors import DeviceMapperError, FilesystemError
-from fiesnap.extents import ChunkRun
-from fiesnap.state import CheckpointRecord
+from fiesnap.model.extents import ChunkRun
+from fiesnap.services.statedir import CheckpointRecord
 
 MiB = 1 << 20
 

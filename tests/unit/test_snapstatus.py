@@ -1,6 +1,6 @@
 import pytest
 
-from fiesnap.snapstatus import parse_snapshot_status
+from fiesnap.model.snapstatus import parse_snapshot_status
 
 
 def test_usage_line():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from fiesnap import stack
-from fiesnap.cowtable import CowTable
-from fiesnap.dm import DmInfo
+from fiesnap.services import stack
+from fiesnap.model.cowtable import CowTable
+from fiesnap.kernel.dm import DmInfo
 from fiesnap.errors import DeviceMapperError
-from fiesnap.extents import ChunkRun
-from fiesnap.state import CheckpointRecord
+from fiesnap.model.extents import ChunkRun
+from fiesnap.services.statedir import CheckpointRecord
 
 
 def _record() -> CheckpointRecord:

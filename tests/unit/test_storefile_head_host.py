@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from test_host_adapters import MiB, Fs, _read_raw, _tree, fs, host, mounted  # noqa: F401  (fixtures)
 
-from fiesnap import storefile
+from fiesnap.services import storefile
 from fiesnap.errors import FilesystemError, RefusedError, UsageError
-from fiesnap.extents import Extent, head_location, physical_layout, whole_chunks, without_head
-from fiesnap.fiemap import FIEMAP_EXTENT_UNWRITTEN, file_extents
-from fiesnap.identity import IDENTITY_BYTES, StoreIdentity, decode_identity, encode_identity, map_checksum
-from fiesnap.storefile import create_store_file, is_immutable, read_head, rewrite_head, store_extents
+from fiesnap.model.extents import Extent, head_location, physical_layout, whole_chunks, without_head
+from fiesnap.kernel.fiemap import FIEMAP_EXTENT_UNWRITTEN, file_extents
+from fiesnap.model.identity import IDENTITY_BYTES, StoreIdentity, decode_identity, encode_identity, map_checksum
+from fiesnap.services.storefile import create_store_file, is_immutable, read_head, rewrite_head, store_extents
 
 
 def _ident(generation: int = 1) -> StoreIdentity:

@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fiesnap.errors import UsageError
-from fiesnap.units import MAX_SIZE, format_bytes, parse_size
+from fiesnap.model.units import MAX_SIZE, format_bytes, parse_size
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fiesnap.extents import ChunkRun, ChunkSet, Extent, whole_chunks
+from fiesnap.model.extents import ChunkRun, ChunkSet, Extent, whole_chunks
 
 
 @dataclass(frozen=True)

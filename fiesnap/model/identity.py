@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass
 
 from fiesnap.errors import RefusedError, StoreFormatError
-from fiesnap.extents import SECTOR_BYTES, is_valid_chunk_bytes
+from fiesnap.model.extents import SECTOR_BYTES, is_valid_chunk_bytes
 
 IDENTITY_BYTES = 4096
 MAGIC = b"FIESNAPI"

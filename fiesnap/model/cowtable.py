@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fiesnap.dmtable import DmTarget, linear
+from fiesnap.model.dmtable import DmTarget, linear
 from fiesnap.errors import StateError
-from fiesnap.extents import SECTOR_BYTES, ChunkRun, ChunkSet, require_chunk_bytes
+from fiesnap.model.extents import SECTOR_BYTES, ChunkRun, ChunkSet, require_chunk_bytes
 
 
 def _is_int(v: object) -> bool:

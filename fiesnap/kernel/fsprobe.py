@@ -23,7 +23,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from fiesnap.directio import AlignedBuffer, DirectDevice
+from fiesnap.kernel.directio import AlignedBuffer, DirectDevice
 from fiesnap.errors import DeviceError, FilesystemError
 
 EXT4_SUPER_MAGIC = 0xEF53

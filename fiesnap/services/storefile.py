@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fiesnap.errors import FiesnapError, FilesystemError, NotRootError, RefusedError, UsageError
-from fiesnap.extents import Extent, physical_layout
-from fiesnap.fiemap import file_extents
-from fiesnap.identity import IDENTITY_BYTES
-from fiesnap.fsprobe import check_statfs
+from fiesnap.model.extents import Extent, physical_layout
+from fiesnap.kernel.fiemap import file_extents
+from fiesnap.model.identity import IDENTITY_BYTES
+from fiesnap.kernel.fsprobe import check_statfs
 
 STORE_DIR = ".fiesnap"
 STORE_DIR_MODE = 0o700

@@ -13,9 +13,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from . import blockdev, fsprobe, mounts, storefile
-from .cowtable import CowTable
-from .errors import (
+from fiesnap.kernel import blockdev
+from fiesnap.kernel import fsprobe
+from fiesnap.kernel import mounts
+from fiesnap.services import storefile
+from fiesnap.model.cowtable import CowTable
+from fiesnap.errors import (
     CheckpointNameError,
     DeviceError,
     FilesystemError,
@@ -24,12 +27,12 @@ from .errors import (
     StateError,
     UsageError,
 )
-from .extents import head_location, whole_chunks, without_head
-from .identity import IDENTITY_BYTES, StoreIdentity, encode_identity, map_checksum
-from .fsmap import free_space
-from .merge import MergeResult, copy_back, make_plan, read_frontier, read_table
-from .snapstatus import SnapshotUsage, parse_snapshot_status
-from .stack import (
+from fiesnap.model.extents import head_location, whole_chunks, without_head
+from fiesnap.model.identity import IDENTITY_BYTES, StoreIdentity, encode_identity, map_checksum
+from fiesnap.kernel.fsmap import free_space
+from fiesnap.services.cowio import MergeResult, copy_back, make_plan, read_frontier, read_table
+from fiesnap.model.snapstatus import SnapshotUsage, parse_snapshot_status
+from fiesnap.services.stack import (
     StackNames,
     build_stack,
     create_passthrough,
@@ -38,8 +41,8 @@ from .stack import (
     reload_as_passthrough,
     remove_if_present,
 )
-from .state import CheckpointRecord, StateStore, validate_name
-from .units import format_bytes
+from fiesnap.services.statedir import CheckpointRecord, StateStore, validate_name
+from fiesnap.model.units import format_bytes
 
 Log = Callable[[str], None]
 

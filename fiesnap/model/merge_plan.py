@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fiesnap.errors import RefusedError, StoreFormatError
-from fiesnap.exstore import ExceptionTable
-from fiesnap.extents import ChunkSet, require_chunk_bytes
+from fiesnap.model.exstore import ExceptionTable
+from fiesnap.model.extents import ChunkSet, require_chunk_bytes
 
 
 @dataclass(frozen=True)

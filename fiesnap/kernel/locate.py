@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from fiesnap.blockdev import BlockDevice, open_block_device
+from fiesnap.kernel.blockdev import BlockDevice, open_block_device
 from fiesnap.errors import DeviceError, FiesnapError
-from fiesnap.fsprobe import probe_device
+from fiesnap.kernel.fsprobe import probe_device
 
 SYS_CLASS_BLOCK = "/sys/class/block"
 

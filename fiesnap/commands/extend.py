@@ -22,17 +22,19 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from . import blockdev, mounts, storefile
-from .cowtable import CowTable
-from .errors import RefusedError, UsageError
-from .extend_plan import ExtensionPlan, chunk_set, new_extents, plan_extension
-from .extents import free_chunks
-from .identity import encode_identity
-from .merge import read_table
-from .ops import expected_identity, require_root, snapshot_usage
-from .stack import StackNames, cow_targets
-from .state import CheckpointRecord, StateStore
-from .units import format_bytes
+from fiesnap.kernel import blockdev
+from fiesnap.kernel import mounts
+from fiesnap.services import storefile
+from fiesnap.model.cowtable import CowTable
+from fiesnap.errors import RefusedError, UsageError
+from fiesnap.model.extend_plan import ExtensionPlan, chunk_set, new_extents, plan_extension
+from fiesnap.model.extents import free_chunks
+from fiesnap.model.identity import encode_identity
+from fiesnap.services.cowio import read_table
+from fiesnap.commands.ops import expected_identity, require_root, snapshot_usage
+from fiesnap.services.stack import StackNames, cow_targets
+from fiesnap.services.statedir import CheckpointRecord, StateStore
+from fiesnap.model.units import format_bytes
 
 Log = Callable[[str], None]
 

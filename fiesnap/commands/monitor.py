@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from fiesnap.errors import FiesnapError, UsageError
-from fiesnap.units import MAX_SIZE, format_bytes, parse_size
+from fiesnap.model.units import MAX_SIZE, format_bytes, parse_size
 
 ACTIVE = "active"
 BAD_STATES = frozenset({"invalid", "overflowed"})

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fiesnap.errors import StoreFormatError
-from fiesnap.extents import SECTOR_BYTES, require_chunk_bytes
+from fiesnap.model.extents import SECTOR_BYTES, require_chunk_bytes
 
 SNAP_MAGIC = 0x70416E53  # "SnAp"
 DISK_VERSION = 1

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from .errors import CheckpointNameError, StateError, UsageError
+from fiesnap.errors import CheckpointNameError, StateError, UsageError
 
 DEFAULT_STATE_DIR = "/var/lib/fiesnap"
 RECORD_VERSION = 1

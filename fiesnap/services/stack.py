@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
-from .cowtable import CowTable
-from .directio import zero_range
-from .dmtable import DmTarget, linear, snapshot, snapshot_origin
-from .errors import DeviceMapperError, FiesnapError
-from .state import CheckpointRecord
+from fiesnap.model.cowtable import CowTable
+from fiesnap.kernel.directio import zero_range
+from fiesnap.model.dmtable import DmTarget, linear, snapshot, snapshot_origin
+from fiesnap.errors import DeviceMapperError, FiesnapError
+from fiesnap.services.statedir import CheckpointRecord
 
 SECTOR = 512
 

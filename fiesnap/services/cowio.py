@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .cowtable import CowTable
-from .directio import AlignedBuffer, DirectDevice
-from .exstore import ExceptionTable, read_exception_table, scan_frontier
-from .merge_plan import MergePlan, plan_merge
-from .state import CheckpointRecord
+from fiesnap.model.cowtable import CowTable
+from fiesnap.kernel.directio import AlignedBuffer, DirectDevice
+from fiesnap.model.exstore import ExceptionTable, read_exception_table, scan_frontier
+from fiesnap.model.merge_plan import MergePlan, plan_merge
+from fiesnap.services.statedir import CheckpointRecord
 
 #: Test hook: SIGKILL ourselves after this many copy runs, to prove re-runs are exact.
 KILL_AFTER_RUNS_ENV = "FIESNAP_TEST_KILL_AFTER_RUNS"

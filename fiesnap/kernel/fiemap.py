@@ -22,7 +22,7 @@ import os
 import struct
 
 from fiesnap.errors import FilesystemError
-from fiesnap.extents import Extent
+from fiesnap.model.extents import Extent
 
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_MAX_OFFSET = 0xFFFF_FFFF_FFFF_FFFF

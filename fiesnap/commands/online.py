@@ -23,9 +23,12 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from . import blockdev, fsprobe, mounts, storefile
-from .directio import AlignedBuffer, DirectDevice
-from .errors import (
+from fiesnap.kernel import blockdev
+from fiesnap.kernel import fsprobe
+from fiesnap.kernel import mounts
+from fiesnap.services import storefile
+from fiesnap.kernel.directio import AlignedBuffer, DirectDevice
+from fiesnap.errors import (
     CheckpointNameError,
     DeviceError,
     DeviceMapperError,
@@ -34,11 +37,11 @@ from .errors import (
     StateError,
     UsageError,
 )
-from .freeze import frozen
-from .fsmap import free_space
-from .identity import IDENTITY_BYTES, check_identity, decode_identity
-from .locate import Wanted, find_device
-from .ops import (
+from fiesnap.kernel.freeze import frozen
+from fiesnap.kernel.fsmap import free_space
+from fiesnap.model.identity import IDENTITY_BYTES, check_identity, decode_identity
+from fiesnap.kernel.locate import Wanted, find_device
+from fiesnap.commands.ops import (
     check_chunk_size,
     check_store_size,
     expected_identity,
@@ -47,7 +50,7 @@ from .ops import (
     require_root,
     snapshot_store_type,
 )
-from .stack import (
+from fiesnap.services.stack import (
     StackNames,
     build_stack,
     build_store_layers,
@@ -58,8 +61,8 @@ from .stack import (
     switch_to_origin,
     unwind,
 )
-from .state import CheckpointRecord, StateStore, validate_name
-from .units import format_bytes
+from fiesnap.services.statedir import CheckpointRecord, StateStore, validate_name
+from fiesnap.model.units import format_bytes
 
 Log = Callable[[str], None]
 

@@ -69,7 +69,7 @@ try:  # waiting for udev: loaded up front, never while a filesystem is frozen
 except ImportError:  # pragma: no cover - pyudev is a dependency; polling still works
     pyudev = None
 
-from fiesnap.dmtable import DmTarget
+from fiesnap.model.dmtable import DmTarget
 from fiesnap.errors import DeviceMapperError
 
 log = logging.getLogger(__name__)
