@@ -34,7 +34,7 @@ KERNEL_TEST_ARGS ?=
 # The lab's own checks: power cut between two boots on the same disk; udev in a guest.
 LAB_SELFTEST := $(VPY) -m tests.lab boots tests/lab/selftest-boots.sh --boots 2 --disks 1 --disk-size 64M
 UDEV_TESTS := $(VPY) -m tests.lab kernel-tests --udev --disks 2 -- -m udev
-# Issue 3: setup, online start, power cut, activate, merge, power cut mid-merge, merge again.
+# Setup, online start, power cut, activate, merge, power cut mid-merge, merge again.
 POWER_CUT_TESTS := $(VPY) -m tests.lab boots tests/kernel/power_loss.py --boots 3 --disks 3 --timeout 900
 
 .PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests lab-selftest udev-tests power-cut-tests bench clean-lab

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark (issue 5): space and time of dm-bow's backup-on-write (bow_compat's model) against
+"""Benchmark: space and time of dm-bow's backup-on-write (bow_compat's model) against
 fiesnap (the real dm-snapshot), for one update-like workload on the same starting image.
 
     .venv/bin/python -m tests.lab script benchmarks/bow_bench.py --disks 3 --disk-size 1G --timeout 1500
@@ -262,7 +262,7 @@ def main() -> int:
         "time_ratio_fiesnap_over_bow": round(time_ratio, 3),
     }
     summary = [
-        f"bow_bench (issue 5): ext4 {args.fs_mib} MiB, {used_at_checkpoint // MiB} MiB used at the checkpoint; "
+        f"bow_bench: ext4 {args.fs_mib} MiB, {used_at_checkpoint // MiB} MiB used at the checkpoint; "
         f"workload wrote {rep['data_bytes'] // MiB} MiB after the mark",
         f"space: dm-bow backed up {bow_space / MiB:.1f} MiB (+ log: {rep['log_sectors']} log sector(s), "
         f"{rep['log_bytes'] / MiB:.1f} MiB of log writes); fiesnap stored {st['used_bytes'] / MiB:.1f} MiB "

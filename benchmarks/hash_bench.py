@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark (issue 4): does dm-snapshot's fixed exception hash table hurt a store grown online?
+"""Benchmark: does dm-snapshot's fixed exception hash table hurt a store grown online?
 
     .venv/bin/python -m tests.lab script benchmarks/hash_bench.py --disks 1 --disk-size 3G --timeout 1500
     ... -- --rounds ABBA --targets 16 --density 192      (defaults)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark (issue 4): the monitor's reaction time, and the highest sustained write rate that
+"""Benchmark: the monitor's reaction time, and the highest sustained write rate that
 never overflows an 8 MiB store grown in 32 MiB steps. Runs in the VM lab:
 
     .venv/bin/python -m tests.lab script benchmarks/monitor_bench.py --disks 1 --disk-size 3G --timeout 1500
@@ -237,7 +237,7 @@ def extend_peer(fs: Fiesnap, data: str, reps: int) -> dict:
     """A bare extension by 32 MiB of a live 8 MiB store (4 MiB used), as a CLI call and
     in-process (what the monitor does); plus what a poll and a python start cost."""
     from fiesnap.commands.extend import extend
-    from fiesnap.commands.ops import status as ops_status
+    from fiesnap.commands.status import status as ops_status
     from fiesnap.services.statedir import StateStore
     from fiesnap.kernel.dm import DeviceMapper
 

@@ -1,4 +1,4 @@
-"""Command-line interface. Thin: parse, call ops, print; errors become one line + exit code."""
+"""Command-line interface. Thin: parse, call a command module, print; errors become one line + exit code."""
 
 from __future__ import annotations
 
@@ -12,15 +12,19 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from fiesnap import __version__
-from fiesnap.commands import online
-from fiesnap.commands import ops
-from fiesnap.commands.extend import extend as grow_store
-from fiesnap.commands.extend import fs_room as extend_fs_room
-from fiesnap.commands.monitor import Monitor, MonitorPolicy, Sample, parse_step
 from fiesnap.clirun import run_app, say
+from fiesnap.commands import activate as activate_cmd
+from fiesnap.commands import commit as commit_cmd
+from fiesnap.commands import extend as extend_cmd
+from fiesnap.commands import merge as merge_cmd
+from fiesnap.commands import setup as setup_cmd
+from fiesnap.commands import start as start_cmd
+from fiesnap.commands import status as status_cmd
+from fiesnap.commands.monitor import run_monitor
 from fiesnap.errors import FiesnapError, UsageError
-from fiesnap.services.statedir import StateStore
+from fiesnap.model.monitor_policy import MonitorPolicy, parse_step
 from fiesnap.model.units import format_bytes, parse_size
+from fiesnap.services.statedir import StateStore
 
 app = typer.Typer(
     add_completion=False,
@@ -86,9 +90,9 @@ def setup(
     Mounting through NAME from then on (fstab: /dev/mapper/NAME, not UUID=) is what lets
     'fiesnap start NAME' checkpoint the filesystem while it stays mounted.
     """
-    record = online.setup(device, name, _dm_factory, StateStore(), _log)
+    record = setup_cmd.setup(device, name, _dm_factory, StateStore(), _log)
     if as_json:
-        _emit_json(ops.status(_dm_factory, StateStore(), record.name)[0].to_dict())
+        _emit_json(status_cmd.status(_dm_factory, StateStore(), record.name)[0].to_dict())
     else:
         out.print(f"{device} is now /dev/mapper/{record.name}: mount that", markup=False)
 
@@ -111,21 +115,11 @@ def start(
     is frozen for a moment while /dev/mapper/NAME switches to snapshot-origin.
     Of an unmounted DEVICE: builds /dev/mapper/NAME (mount that), NAME-snap and NAME-cow.
     """
-    size_bytes = _size(size, "--size")
-    chunk_bytes = _size(chunk_size, "--chunk-size")
-    ops.require_root()
-    state = StateStore()
-    managed = online.resolve_target(target, state)
-    if managed is not None:
-        if name is not None and name != managed:
-            raise UsageError(f"--name {name} does not match {target}, which is {managed}: drop --name")
-        record = online.start_online(online.OnlineStart(managed, size_bytes, chunk_bytes),
-                                     _dm_factory, state, _log)
-    else:
-        req = ops.StartRequest(device=target, size=size_bytes, name=name, chunk_bytes=chunk_bytes)
-        record = ops.start(req, _dm_factory, state, _log)
+    req = start_cmd.StartRequest(target=target, size=_size(size, "--size"), name=name,
+                                 chunk_bytes=_size(chunk_size, "--chunk-size"))
+    record = start_cmd.start(req, _dm_factory, StateStore(), _log)
     if as_json:
-        _emit_json(ops.status(_dm_factory, StateStore(), record.name)[0].to_dict())
+        _emit_json(status_cmd.status(_dm_factory, StateStore(), record.name)[0].to_dict())
     else:
         out.print(f"checkpoint {record.name} started: the filesystem is on /dev/mapper/{record.name}",
                   markup=False)
@@ -144,9 +138,9 @@ def extend(
     have an exception stay allocated but unmapped: writing store data there would destroy
     checkpoint data. Only NAME-cow is reloaded; no I/O is lost.
     """
-    result = grow_store(name, _dm_factory, StateStore(), _log,
-                       by=_size(by, "--by") if by is not None else None,
-                       to=_size(to, "--to") if to is not None else None)
+    result = extend_cmd.extend(name, _dm_factory, StateStore(), _log,
+                               by=_size(by, "--by") if by is not None else None,
+                               to=_size(to, "--to") if to is not None else None)
     if as_json:
         _emit_json(result.to_dict())
     else:
@@ -173,34 +167,10 @@ def monitor(
     """
     if bool(name) == all_:
         raise UsageError("give exactly one of NAME or --all")
-    ops.require_root()
     step_bytes, step_pct = parse_step(step)
     policy = MonitorPolicy(threshold_pct=threshold, step_bytes=step_bytes, step_pct=step_pct,
                            max_bytes=_size(max_size, "--max") if max_size else None, interval_s=interval)
-    state = StateStore()
-    dm = _dm_factory()
-
-    def names() -> list[str]:
-        if name:
-            return [name]
-        return [r.name for r in state.load_all() if r.phase == "active"]
-
-    def sample(n: str) -> Sample:
-        st = ops.status(lambda: dm, state, n)[0]
-        u = st.usage
-        return Sample(n, st.state, u.total_bytes if u and u.total_bytes else 0, u.used_bytes if u else 0)
-
-    def room(n: str) -> int:
-        return extend_fs_room(dm, state.load(n))
-
-    def log(level: str, msg: str) -> None:
-        if level != "debug" or verbose:
-            _say(f"fiesnap monitor: {level}: {msg}")
-
-    def grow(n: str, nbytes: int) -> object:
-        return grow_store(n, lambda: dm, state, lambda m: log("info", m), by=nbytes)
-
-    raise typer.Exit(Monitor(policy, names, sample, grow, room, log).run(once=once))
+    raise typer.Exit(run_monitor(name, policy, _dm_factory, StateStore(), _say, verbose=verbose, once=once))
 
 
 @app.command()
@@ -217,7 +187,7 @@ def activate(
     """
     if bool(name) == all_:
         raise UsageError("give exactly one of NAME or --all")
-    results = online.activate(name, _dm_factory, StateStore(), _log, wait_seconds=wait)
+    results = activate_cmd.activate(name, _dm_factory, StateStore(), _log, wait_seconds=wait)
     if as_json:
         _emit_json({"activated": [r.to_dict() for r in results]})
     else:
@@ -231,7 +201,7 @@ def deactivate(
     as_json: bool = typer.Option(False, "--json", help="Print the removed devices as JSON on stdout."),
 ) -> None:
     """Take NAME's devices down without ending anything ('fiesnap activate NAME' brings them back)."""
-    removed = online.deactivate(name, _dm_factory, StateStore(), _log)
+    removed = activate_cmd.deactivate(name, _dm_factory, StateStore(), _log)
     if as_json:
         _emit_json({"name": name, "removed": removed})
     else:
@@ -244,7 +214,7 @@ def release(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Undo setup: remove the pass-through /dev/mapper/NAME and its record (no checkpoint, unmounted)."""
-    record = online.release(name, _dm_factory, StateStore(), _log)
+    record = setup_cmd.release(name, _dm_factory, StateStore(), _log)
     if as_json:
         _emit_json({"name": name, "device": record.device, "result": "released"})
     else:
@@ -257,7 +227,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Stable machine output on stdout; byte figures are integers."),
 ) -> None:
     """Show checkpoints: state, store size and usage, chunk size, extents, device, start time."""
-    rows = [s.to_dict() for s in ops.status(_dm_factory, StateStore(), name)]
+    rows = [s.to_dict() for s in status_cmd.status(_dm_factory, StateStore(), name)]
     if as_json:
         _emit_json({"checkpoints": rows})
         return
@@ -290,7 +260,7 @@ def commit(
     Otherwise: mounted on /dev/mapper/NAME it stays mounted as a plain pass-through (run commit
     again after unmounting to remove it); unmounted, NAME is removed.
     """
-    result = ops.commit(name, _dm_factory, StateStore(), _log)
+    result = commit_cmd.commit(name, _dm_factory, StateStore(), _log)
     if as_json:
         _emit_json({"name": name, "result": result})
     else:
@@ -299,7 +269,7 @@ def commit(
 
 def _merge(name: str, keep_store: bool, as_json: bool) -> None:
     show_bar = not as_json and err.is_terminal
-    result = ops.merge(name, _dm_factory, StateStore(), _log, keep_store=keep_store,
+    result = merge_cmd.merge(name, _dm_factory, StateStore(), _log, keep_store=keep_store,
                        progress_factory=_RichProgress if show_bar else None)
     data = {
         "name": name,

@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
 
-from fiesnap.kernel import blockdev
-from fiesnap.kernel import mounts
-from fiesnap.services import storefile
-from fiesnap.model.cowtable import CowTable
+from fiesnap.commands.guards import Log, require_root
 from fiesnap.errors import RefusedError, UsageError
+from fiesnap.kernel import blockdev, mounts
 from fiesnap.model.extend_plan import ExtensionPlan, chunk_set, new_extents, plan_extension
 from fiesnap.model.extents import free_chunks
 from fiesnap.model.identity import encode_identity
-from fiesnap.services.cowio import read_table
-from fiesnap.commands.ops import expected_identity, require_root, snapshot_usage
-from fiesnap.services.stack import StackNames, cow_targets
-from fiesnap.services.statedir import CheckpointRecord, StateStore
+from fiesnap.model.record import CheckpointRecord
 from fiesnap.model.units import format_bytes
-
-Log = Callable[[str], None]
+from fiesnap.services import storefile
+from fiesnap.services.cowio import read_table
+from fiesnap.services.stack import StackNames, cow_targets, snapshot_usage
+from fiesnap.services.statedir import StateStore
 
 
 @dataclass(frozen=True)
@@ -95,24 +91,21 @@ def extend(name: str, dm_factory, state: StateStore, log: Log, *,
             )
         new_size = _target_file_size(record, by, to)
         origin = dm.info(names.origin)
-        if state.device_id() == os.makedev(origin.major, origin.minor):
-            raise RefusedError(f"the state folder {state.path} lives on /dev/mapper/{name}: move it")
-        cow = CowTable.from_dict(record.cow_table)
-        before_store = cow.total_chunks * record.chunk_bytes
+        state.refuse_on(os.makedev(origin.major, origin.minor), f"/dev/mapper/{name}")
+        before_store = record.store_bytes
         old_size = record.store_file_bytes
 
         with mounts.private_mount(f"/dev/mapper/{name}", record.fstype) as mnt:
             storefile.check_free_space(mnt, new_size - old_size, label=f"/dev/mapper/{name}",
                                        hint="grow by less, or free space on the filesystem")
             grown = storefile.grow_store_file(mnt, record.store_relpath, new_size)
-            record.store_extents = [[e.logical, e.physical, e.length, e.flags] for e in grown]
-            record.store_file_bytes = new_size
+            record = record.with_store_file(new_size, grown)
             table = read_table(dm.node_path(names.cow), record)
             plan = plan_extension(
                 new_extents(grown, old_size), record.chunk_bytes,
-                free_at_checkpoint=free_chunks([(s, n) for s, n in record.free_map], record.chunk_bytes),
+                free_at_checkpoint=free_chunks(record.free_map, record.chunk_bytes),
                 excepted=chunk_set(e.old_chunk for e in table.entries),
-                mapped=cow.store_chunks(),
+                mapped=record.cow.store_chunks(),
             )
             if plan.added_chunks == 0:
                 state.save(record)  # the file grew; the map did not
@@ -120,21 +113,16 @@ def extend(name: str, dm_factory, state: StateStore, log: Log, *,
                     f"({plan.live_at_checkpoint} were in use at the checkpoint, {plan.excepted} have "
                     "exceptions): the store did not grow; try a larger --by")
                 return ExtendResult(name, old_size, new_size, before_store, before_store, plan)
-            grown_cow = cow.append_runs(plan.runs)
-            previous = expected_identity(record)
-            record.cow_table = grown_cow.to_dict()
-            record.generation += 1
-            record.notes = {**record.notes, "previous_identity": {
-                "generation": previous.generation, "map_sha256": previous.map_sha256}}
+            record = record.grown(record.cow.append_runs(plan.runs))
             state.save(record)  # 3: the new map first; the old identity stays acceptable
-            storefile.rewrite_head(mnt, record.store_relpath, encode_identity(expected_identity(record)))
-            record.notes = {k: v for k, v in record.notes.items() if k != "previous_identity"}
+            storefile.rewrite_head(mnt, record.store_relpath, encode_identity(record.expected_identity()))
+            record = record.identity_rewritten()
             state.save(record)
         # 4: only now can the kernel allocate in the new chunks.
         dm.load(names.cow, cow_targets(record))
         dm.suspend(names.cow, lockfs=False)
         dm.resume(names.cow)
-        after_store = grown_cow.total_chunks * record.chunk_bytes
+        after_store = record.store_bytes
         log(f"store of {name!r} grew from {format_bytes(before_store)} to {format_bytes(after_store)}"
             + (f"; skipped {plan.skipped_chunks} unsafe chunks ({plan.live_at_checkpoint} in use at the "
                f"checkpoint, {plan.excepted} with exceptions), left allocated but unmapped"
@@ -151,11 +139,6 @@ def fs_room(dm, record: CheckpointRecord) -> int:
     info = dm.info(record.name)
     where = blockdev.mounts_of(info.major, info.minor) if info is not None else []
     if where:
-        return _room(where[0])
+        return storefile.usable_space(where[0])
     with mounts.private_mount(f"/dev/mapper/{record.name}", record.fstype) as mnt:
-        return _room(mnt)
-
-
-def _room(path: str) -> int:
-    sv = os.statvfs(path)
-    return max(0, sv.f_bavail * sv.f_frsize - storefile.space_margin(sv.f_blocks * sv.f_frsize))
+        return storefile.usable_space(mnt)

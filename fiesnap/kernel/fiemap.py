@@ -60,7 +60,7 @@ _FLAG_NAMES = {
     FIEMAP_EXTENT_SHARED: "SHARED",
 }
 
-SECTOR = 512
+from fiesnap.model.units import SECTOR_BYTES as SECTOR
 
 _HEAD = struct.Struct("=QQIIII")  # struct fiemap, 32 bytes
 _EXTENT = struct.Struct("=QQQ16xI12x")  # struct fiemap_extent, 56 bytes

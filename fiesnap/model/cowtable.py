@@ -2,9 +2,10 @@
 
 COW chunk c (what dm-snapshot calls new_chunk) lives at a physical chunk of
 the filesystem's device, found by walking the store file's extents in file
-order. Holes are COW address space with no blocks behind it (an `error`
-target): they let the store grow later without renumbering chunks that the
-exception table already points at.
+order. The table has no holes: every COW chunk has a physical chunk behind it. (An
+unbacked stretch of COW space would be an `error` target, and dm-snapshot
+writes a metadata area every so many chunks: a hole where the next area falls
+invalidates the snapshot.) A store grows by appending runs at the end.
 """
 
 from __future__ import annotations
@@ -15,30 +16,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fiesnap.model.dmtable import DmTarget, linear
+from fiesnap.model.units import is_int
 from fiesnap.errors import StateError
 from fiesnap.model.extents import SECTOR_BYTES, ChunkRun, ChunkSet, require_chunk_bytes
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 @dataclass(frozen=True)
 class Segment:
-    """`count` COW chunks from `cow_start`, backed by physical chunks from
-    `phys_start`, or unbacked (an error hole) when phys_start is None."""
+    """`count` COW chunks from `cow_start`, on physical chunks from `phys_start`."""
 
     cow_start: int
     count: int
-    phys_start: int | None
+    phys_start: int
 
     @property
     def cow_end(self) -> int:
         return self.cow_start + self.count
-
-    @property
-    def backed(self) -> bool:
-        return self.phys_start is not None
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,7 @@ class CowTable:
 
     Invariants (checked on construction, ValueError otherwise): chunk size is
     a power of two of at least 512 bytes; segments start at COW chunk 0 and
-    are contiguous with positive counts; no two backed segments share a
+    are contiguous with positive counts and no holes; no two segments share a
     physical chunk (two COW chunks on one block would corrupt each other).
     """
 
@@ -63,18 +57,16 @@ class CowTable:
         for s in segs:
             if not isinstance(s, Segment):
                 raise ValueError(f"not a Segment: {s!r}")
-            if not (_is_int(s.cow_start) and _is_int(s.count)):
+            if not (is_int(s.cow_start) and is_int(s.count)):
                 raise ValueError(f"segment fields must be integers: {s!r}")
             if s.cow_start != pos:
                 raise ValueError(f"segment {s!r} does not start at COW chunk {pos}")
             if s.count <= 0:
                 raise ValueError(f"segment {s!r} has no chunks")
-            if s.phys_start is not None and (
-                not _is_int(s.phys_start) or s.phys_start < 0
-            ):
+            if not is_int(s.phys_start) or s.phys_start < 0:
                 raise ValueError(f"segment {s!r} has an invalid physical start")
             pos = s.cow_end
-        backed = sorted((s.phys_start, s.phys_start + s.count) for s in segs if s.backed)
+        backed = sorted((s.phys_start, s.phys_start + s.count) for s in segs)
         for (_, prev_end), (start, _) in zip(backed, backed[1:]):
             if start < prev_end:
                 raise ValueError(
@@ -101,23 +93,11 @@ class CowTable:
             if r.count <= 0:
                 raise ValueError(f"empty chunk run {r!r}")
             last = segs[-1] if segs else None
-            if last is not None and last.backed and last.phys_start + last.count == r.start:
+            if last is not None and last.phys_start + last.count == r.start:
                 segs[-1] = Segment(last.cow_start, last.count + r.count, last.phys_start)
             else:
                 segs.append(Segment(pos, r.count, r.start))
             pos += r.count
-        return CowTable(self.chunk_bytes, tuple(segs))
-
-    def append_hole(self, count: int) -> CowTable:
-        """A new table with `count` unbacked (error) COW chunks appended."""
-        if not _is_int(count) or count <= 0:
-            raise ValueError(f"hole size must be a positive integer, not {count!r}")
-        segs = list(self.segments)
-        if segs and not segs[-1].backed:
-            last = segs[-1]
-            segs[-1] = Segment(last.cow_start, last.count + count, None)
-        else:
-            segs.append(Segment(self.total_chunks, count, None))
         return CowTable(self.chunk_bytes, tuple(segs))
 
     # -- queries -----------------------------------------------------------
@@ -134,48 +114,24 @@ class CowTable:
     def total_sectors(self) -> int:
         return self.total_chunks * self.chunk_sectors
 
-    @property
-    def backed_chunks(self) -> int:
-        return sum(s.count for s in self.segments if s.backed)
-
-    def cow_to_phys(self, cow_chunk: int) -> int | None:
-        """Physical chunk behind a COW chunk; None inside a hole.
-
-        ValueError beyond the end: that address does not exist at all, which
-        is a different fact from "exists but unbacked".
-        """
+    def cow_to_phys(self, cow_chunk: int) -> int:
+        """Physical chunk behind a COW chunk; ValueError beyond the store's end."""
         if not 0 <= cow_chunk < self.total_chunks:
             raise ValueError(
                 f"COW chunk {cow_chunk} is outside the store (0..{self.total_chunks - 1})"
             )
         seg = self.segments[bisect_right(self._cow_starts, cow_chunk) - 1]
-        if seg.phys_start is None:
-            return None
         return seg.phys_start + (cow_chunk - seg.cow_start)
 
     def store_chunks(self) -> ChunkSet:
         """The physical chunks holding the store: a merge must never write these."""
-        return ChunkSet(
-            ChunkRun(s.phys_start, s.count) for s in self.segments if s.phys_start is not None
-        )
-
-    def backed_cow_chunks(self) -> ChunkSet:
-        """The COW addresses with blocks behind them (not holes): every saved
-        chunk a merge reads must be one of these, or the read fails midway."""
-        return ChunkSet(ChunkRun(s.cow_start, s.count) for s in self.segments if s.backed)
+        return ChunkSet(ChunkRun(s.phys_start, s.count) for s in self.segments)
 
     def dm_targets(self, device: str) -> list[DmTarget]:
-        """The `NAME-cow` table: linear onto `device` for backed segments,
-        `error` for holes, one target per segment."""
+        """The `NAME-cow` table: one linear target onto `device` per segment."""
         cs = self.chunk_sectors
-        out = []
-        for s in self.segments:
-            start, length = s.cow_start * cs, s.count * cs
-            if s.phys_start is None:
-                out.append(DmTarget(start, length, "error", ""))
-            else:
-                out.append(linear(start, length, device, s.phys_start * cs))
-        return out
+        return [linear(s.cow_start * cs, s.count * cs, device, s.phys_start * cs)
+                for s in self.segments]
 
     # -- persistence -------------------------------------------------------
 
@@ -196,15 +152,15 @@ class CowTable:
         try:
             chunk_bytes = data["chunk_bytes"]
             raw = data["segments"]
-            if not _is_int(chunk_bytes) or not isinstance(raw, list):
+            if not is_int(chunk_bytes) or not isinstance(raw, list):
                 raise TypeError("wrong field types")
             segs = []
             for item in raw:
                 if set(item) != {"cow_start", "count", "phys_start"}:
                     raise KeyError("segment fields")
                 phys = item["phys_start"]
-                if phys is not None and not _is_int(phys):
-                    raise TypeError("phys_start")
+                if not is_int(phys):
+                    raise TypeError("phys_start must be an integer")
                 segs.append(Segment(item["cow_start"], item["count"], phys))
             return cls(chunk_bytes, tuple(segs))
         except (KeyError, TypeError, ValueError) as e:

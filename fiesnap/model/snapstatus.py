@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SECTOR = 512
+from fiesnap.model.units import SECTOR_BYTES
+
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,6 @@ def parse_snapshot_status(params: str) -> SnapshotUsage:
     try:
         ratio, meta = text.split()
         used, total = ratio.split("/")
-        return SnapshotUsage("active", int(used) * SECTOR, int(total) * SECTOR, int(meta) * SECTOR)
+        return SnapshotUsage("active", int(used) * SECTOR_BYTES, int(total) * SECTOR_BYTES, int(meta) * SECTOR_BYTES)
     except ValueError:
         raise ValueError(f"unrecognised snapshot status {text!r}") from None

@@ -14,6 +14,8 @@ from fractions import Fraction
 from fiesnap.errors import UsageError
 
 MAX_SIZE = 2**63 - 1  # fits in a signed 64-bit off_t
+#: The unit of every device-mapper table and status figure.
+SECTOR_BYTES = 512
 
 _EXAMPLES = "e.g. 4096, 512B, 64M, 2G, 1.5GiB or 100MB"
 
@@ -89,3 +91,8 @@ def format_bytes(n: int) -> str:
         k += 1
         value = n / 1024**k
     return f"{value:.1f} {_UNITS[k]}"
+
+
+def is_int(v: object) -> bool:
+    """An integer from parsed JSON or a caller, and not a bool (True is an int in Python)."""
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -1,4 +1,4 @@
-"""The userspace merge engine: read the store's exception table and copy chunks back.
+"""The store seen through NAME-cow: its exception table, its frontier, and the copy back.
 
 Reads go through the `-cow` device with O_DIRECT (its page cache is not kept
 coherent with the kernel's writes). The copy is idempotent: it only reads the
@@ -15,11 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from fiesnap.model.cowtable import CowTable
 from fiesnap.kernel.directio import AlignedBuffer, DirectDevice
 from fiesnap.model.exstore import ExceptionTable, read_exception_table, scan_frontier
 from fiesnap.model.merge_plan import MergePlan, plan_merge
-from fiesnap.services.statedir import CheckpointRecord
+from fiesnap.model.record import CheckpointRecord
 
 #: Test hook: SIGKILL ourselves after this many copy runs, to prove re-runs are exact.
 KILL_AFTER_RUNS_ENV = "FIESNAP_TEST_KILL_AFTER_RUNS"
@@ -34,11 +33,6 @@ class MergeResult:
     seconds: float
 
 
-def origin_chunks(record: CheckpointRecord) -> int:
-    """Chunks the kernel can address on the origin (a partial last chunk counts)."""
-    return -(-record.device_bytes // record.chunk_bytes)
-
-
 @contextmanager
 def _chunk_reader(cow_node: str, record: CheckpointRecord) -> Iterator[Callable[[int], bytes]]:
     """read_chunk(n) for the store device, O_DIRECT with one aligned buffer."""
@@ -49,26 +43,22 @@ def _chunk_reader(cow_node: str, record: CheckpointRecord) -> Iterator[Callable[
 
 def read_table(cow_node: str, record: CheckpointRecord) -> ExceptionTable:
     """Read and fully validate the exception table; raises StoreFormatError."""
-    cow = CowTable.from_dict(record.cow_table)
     with _chunk_reader(cow_node, record) as read_chunk:
-        return read_exception_table(read_chunk, cow_chunks=cow.total_chunks,
-                                    origin_chunks=origin_chunks(record),
+        return read_exception_table(read_chunk, cow_chunks=record.cow.total_chunks,
+                                    origin_chunks=record.origin_chunks,
                                     chunk_bytes=record.chunk_bytes)
 
 
 def read_frontier(cow_node: str, record: CheckpointRecord) -> int | None:
     """The committed allocation frontier on disk, ignoring the valid flag (see scan_frontier)."""
-    cow = CowTable.from_dict(record.cow_table)
     with _chunk_reader(cow_node, record) as read_chunk:
-        return scan_frontier(read_chunk, cow_chunks=cow.total_chunks, chunk_bytes=record.chunk_bytes)
+        return scan_frontier(read_chunk, cow_chunks=record.cow.total_chunks, chunk_bytes=record.chunk_bytes)
 
 
 def make_plan(table: ExceptionTable, record: CheckpointRecord) -> MergePlan:
     """Plan the copy; refuses if any destination lies inside the store's own chunks."""
-    cow = CowTable.from_dict(record.cow_table)
     max_run = max(1, MAX_RUN_CHUNKS_BYTES // record.chunk_bytes)
-    return plan_merge(table, forbidden=cow.store_chunks(), max_run_chunks=max_run,
-                      sources=cow.backed_cow_chunks())
+    return plan_merge(table, forbidden=record.cow.store_chunks(), max_run_chunks=max_run)
 
 
 def copy_back(
@@ -88,12 +78,8 @@ def copy_back(
     with AlignedBuffer(largest) as buf, \
             DirectDevice.open(cow_node, write=False) as src, \
             DirectDevice.open(device_path, write=True) as dst:
-        for done, run in enumerate(plan.runs, start=1):
-            dest_off = run.dest_chunk * chunk
-            length = min(run.count * chunk, record.device_bytes - dest_off)
-            if length <= 0:
-                raise OSError(f"planned destination chunk {run.dest_chunk} lies past the device end")
-            src.read_into(buf, run.src_chunk * chunk, length)
+        for done, (dest_off, src_off, length) in enumerate(plan.byte_ranges(record.device_bytes), start=1):
+            src.read_into(buf, src_off, length)
             dst.write_from(buf, dest_off, length)
             copied += length
             progress(length)

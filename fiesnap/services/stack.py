@@ -23,21 +23,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
-from fiesnap.model.cowtable import CowTable
+from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, RefusedError
+from fiesnap.kernel import blockdev
 from fiesnap.kernel.directio import zero_range
+from fiesnap.kernel.libdm import UDEV_FLAGS_PRIVATE_LAYER, UDEV_LOW_PRIORITY
 from fiesnap.model.dmtable import DmTarget, linear, snapshot, snapshot_origin
-from fiesnap.errors import DeviceMapperError, FiesnapError
-from fiesnap.services.statedir import CheckpointRecord
+from fiesnap.model.record import CheckpointRecord
+from fiesnap.model.snapstatus import SnapshotUsage, parse_snapshot_status
+from fiesnap.model.units import SECTOR_BYTES
+from fiesnap.services.cowio import read_frontier
 
-SECTOR = 512
-
-# libdevmapper udev flags (libdevmapper.h, DM_UDEV_*).
-UDEV_DISABLE_SUBSYSTEM_RULES = 0x02
-UDEV_DISABLE_DISK_RULES = 0x04
-UDEV_DISABLE_OTHER_RULES = 0x08
-UDEV_LOW_PRIORITY = 0x10
 #: Private layers: no probing, no /dev/disk links, no auto-mount (as lvm2 does for -cow).
-HIDDEN = UDEV_DISABLE_SUBSYSTEM_RULES | UDEV_DISABLE_DISK_RULES | UDEV_DISABLE_OTHER_RULES
+HIDDEN = UDEV_FLAGS_PRIVATE_LAYER
 #: The checkpoint view carries the same filesystem UUID as the origin: never let
 #: udev link or mount it.
 CHECKPOINT_VIEW = HIDDEN | UDEV_LOW_PRIORITY
@@ -69,32 +66,28 @@ def origin_uuid(record: CheckpointRecord) -> str:
     return dm_uuid(record.checkpoint_id, "origin")
 
 
-def cow_table_of(record: CheckpointRecord) -> CowTable:
-    return CowTable.from_dict(record.cow_table)
-
-
 def cow_targets(record: CheckpointRecord) -> list[DmTarget]:
-    return cow_table_of(record).dm_targets(record.device_string)
+    return record.cow.dm_targets(record.device_string)
 
 
 def snapshot_targets(record: CheckpointRecord, cow_dev: str) -> list[DmTarget]:
     return [
         snapshot(
-            record.device_bytes // SECTOR,
+            record.device_bytes // SECTOR_BYTES,
             record.device_string,
             cow_dev,
             record.store_type,
-            record.chunk_bytes // SECTOR,
+            record.chunk_bytes // SECTOR_BYTES,
         )
     ]
 
 
 def origin_targets(record: CheckpointRecord) -> list[DmTarget]:
-    return [snapshot_origin(record.device_bytes // SECTOR, record.device_string)]
+    return [snapshot_origin(record.device_bytes // SECTOR_BYTES, record.device_string)]
 
 
 def passthrough_targets(record: CheckpointRecord) -> list[DmTarget]:
-    return [linear(0, record.device_bytes // SECTOR, record.device_string, 0)]
+    return [linear(0, record.device_bytes // SECTOR_BYTES, record.device_string, 0)]
 
 
 def build_store_layers(dm, record: CheckpointRecord, *, zero_header: bool,
@@ -251,3 +244,53 @@ def reload_as_passthrough(dm, record: CheckpointRecord) -> None:
     dm.load(name, passthrough_targets(record))
     dm.suspend(name, lockfs=True)
     dm.resume(name)
+
+
+def snapshot_store_type(dm) -> str:
+    """PO (overflow reported as Overflow, not Invalid) needs snapshot target >= 1.15."""
+    version = dm.target_versions().get("snapshot")
+    return "PO" if version is not None and tuple(version) >= (1, 15, 0) else "P"
+
+
+#: Exceptions that may have been in flight when the store filled: an invalid
+#: snapshot whose committed frontier is this close to the end overflowed.
+OVERFLOW_SLACK_CHUNKS = 64
+
+
+def snapshot_usage(dm, record: CheckpointRecord) -> SnapshotUsage:
+    """The kernel's view of the snapshot, with `invalid` split into overflowed or not.
+
+    An origin write that finds the store full invalidates the snapshot and the
+    kernel says only `Invalid` (store type PO changes writes to the snapshot
+    device only). The committed allocation frontier on disk tells an overflow
+    from an I/O error.
+    """
+    names = StackNames.for_name(record.name)
+    lines = dm.status(names.snap)
+    usage = parse_snapshot_status(lines[0][3] if lines else "Invalid")
+    if usage.state != "invalid":
+        return usage
+    total = record.cow.total_chunks
+    try:
+        frontier = read_frontier(dm.node_path(names.cow), record)
+    except OSError:
+        return usage
+    if frontier is not None and frontier >= total - min(OVERFLOW_SLACK_CHUNKS, total // 4):
+        return SnapshotUsage("overflowed")
+    return usage
+
+
+def refuse_in_use(info, name: str) -> None:
+    """/dev/mapper/NAME may only go away when nothing has it mounted or open."""
+    if info is None:
+        return
+    where = blockdev.mounts_of(info.major, info.minor)
+    if where:
+        raise RefusedError(f"/dev/mapper/{name} is mounted on {', '.join(where)}: unmount it first")
+    if info.open_count:
+        raise DeviceError(f"/dev/mapper/{name} is open by another program: close it first")
+
+
+def mount_source(record: CheckpointRecord) -> str:
+    """What to mount to reach the filesystem: /dev/mapper/NAME once NAME holds the device."""
+    return f"/dev/mapper/{record.name}" if record.managed else record.device

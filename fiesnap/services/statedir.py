@@ -1,8 +1,9 @@
-"""Checkpoint records in the state folder, written atomically.
+"""The state folder: one checkpoint record per name, written atomically.
 
 The record is what lets a merge or commit finish after an interruption, so a
 record is never half-written: write a temporary file, fsync, rename, fsync the
 folder. One lock file serialises fiesnap invocations that change anything.
+Records are parsed and checked once here (`CheckpointRecord.from_dict`).
 """
 
 from __future__ import annotations
@@ -10,110 +11,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from fiesnap.errors import CheckpointNameError, StateError, UsageError
+from fiesnap.errors import CheckpointNameError, StateError
+from fiesnap.model.record import CheckpointRecord
 
 DEFAULT_STATE_DIR = "/var/lib/fiesnap"
-RECORD_VERSION = 1
-
-# dm names allow more, but these keep /dev/mapper paths and file names boring.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-_RESERVED_SUFFIXES = ("-snap", "-cow", "-real")
-
-#: Phases of a checkpoint's life, in order. A merge or commit that is
-#: interrupted leaves its phase behind so a re-run knows where to resume.
-PHASES = ("starting", "active", "merging", "copied", "committing", "passthrough")
 
 
 def state_dir_from_env() -> str:
     return os.environ.get("FIESNAP_STATE_DIR", DEFAULT_STATE_DIR)
-
-
-def validate_name(name: str) -> str:
-    if not _NAME_RE.match(name):
-        raise UsageError(
-            f"invalid name {name!r}: use 1-64 letters, digits, '_', '.', '+' or '-', "
-            "starting with a letter or digit"
-        )
-    if name.endswith(_RESERVED_SUFFIXES):
-        raise UsageError(
-            f"invalid name {name!r}: names ending in -snap, -cow or -real are used for "
-            "fiesnap's own devices; choose another name"
-        )
-    return name
-
-
-@dataclass
-class CheckpointRecord:
-    """Everything needed to rebuild, inspect, commit or merge a checkpoint.
-
-    A name put under fiesnap with `setup` (`managed`) keeps its record between
-    checkpoints in phase "passthrough"; the checkpoint fields are then empty.
-    """
-
-    name: str
-    device: str
-    device_major: int
-    device_minor: int
-    device_bytes: int
-    fstype: str
-    fs_uuid: str
-    checkpoint_id: str = ""
-    chunk_bytes: int = 0
-    store_type: str = ""
-    store_relpath: str = ""
-    store_file_bytes: int = 0
-    store_extents: list[list[int]] = field(default_factory=list)  # [logical, physical, length, flags]
-    cow_table: dict = field(default_factory=dict)
-    free_map: list[list[int]] = field(default_factory=list)  # checkpoint-time free space, [start, length] bytes
-    created: str = ""
-    phase: str = "starting"
-    version: int = RECORD_VERSION
-    notes: dict = field(default_factory=dict)
-    #: set up with `fiesnap setup`: /dev/mapper/NAME outlives each checkpoint.
-    managed: bool = False
-    #: id of the `setup` that made /dev/mapper/NAME (its dm UUID); "" if not managed.
-    setup_id: str = ""
-    #: device byte offset of the store file's identity block (-1: none written).
-    identity_offset: int = -1
-    #: bumped whenever the store map changes; also in the identity block.
-    generation: int = 1
-    #: how the checkpoint was taken: "offline" (device unmounted) or "online" (frozen).
-    mode: str = "offline"
-
-    def as_passthrough(self) -> "CheckpointRecord":
-        """The same device under fiesnap with no checkpoint (after commit or merge)."""
-        return CheckpointRecord(
-            name=self.name, device=self.device, device_major=self.device_major,
-            device_minor=self.device_minor, device_bytes=self.device_bytes,
-            fstype=self.fstype, fs_uuid=self.fs_uuid, phase="passthrough",
-            managed=self.managed, setup_id=self.setup_id, notes=dict(self.notes),
-        )
-
-    @property
-    def has_checkpoint(self) -> bool:
-        return self.phase not in ("passthrough",) and bool(self.checkpoint_id)
-
-    @property
-    def device_string(self) -> str:
-        return f"{self.device_major}:{self.device_minor}"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CheckpointRecord":
-        if data.get("version") != RECORD_VERSION:
-            raise StateError(
-                f"checkpoint record {data.get('name')!r} has version {data.get('version')}, "
-                f"this fiesnap reads version {RECORD_VERSION}: use the fiesnap that wrote it"
-            )
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class StateStore:
@@ -166,7 +74,7 @@ class StateStore:
             ) from None
         except (OSError, ValueError) as e:
             raise StateError(f"cannot read checkpoint record {self._record_path(name)}: {e}") from None
-        return CheckpointRecord.from_dict(data)
+        return CheckpointRecord.from_dict(data, where=f"checkpoint record {self._record_path(name)}")
 
     def load_all(self) -> list[CheckpointRecord]:
         return [self.load(n) for n in self.names()]
@@ -203,3 +111,12 @@ class StateStore:
         """st_dev of the filesystem holding the state folder."""
         self.ensure()
         return os.stat(self.path).st_dev
+
+    def refuse_on(self, devno: int, what: str) -> None:
+        """Refuse when the state folder lives on the filesystem fiesnap is about to
+        checkpoint, freeze or extend: its records would be frozen or rolled back with it."""
+        if self.device_id() == devno:
+            raise StateError(
+                f"the state folder {self.path} lives on {what}, the filesystem fiesnap would "
+                "checkpoint: set FIESNAP_STATE_DIR to a folder on another filesystem"
+            )

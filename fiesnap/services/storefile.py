@@ -13,35 +13,33 @@ immutable and rewritten (briefly mutable) when the store map changes. Such a
 write turns an unwritten extent into a written one, which FIEMAP reports as
 a split; the check after it is that no block moved (physical_layout).
 
-FS_IOC_GETFLAGS/SETFLAGS = _IOR/_IOW('f', 1/2, long) = 0x80086601/0x40086602
-(include/uapi/linux/fs.h), but the kernel reads and writes an unsigned int
-(fs/ioctl.c ioctl_getflags/ioctl_setflags), so the buffer is 4 bytes.
-FS_IMMUTABLE_FL = 0x10.
+One module because create, grow, rewrite-head and remove all keep that one
+invariant through the same few steps (the root-only folder opened without
+following links, the immutable flag lifted and restored around a change, the
+extents re-read to prove no block moved); split up, each would have to
+re-prove what the others assume.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fiesnap.errors import FiesnapError, FilesystemError, NotRootError, RefusedError, UsageError
+from fiesnap.errors import FiesnapError, FilesystemError, RefusedError, UsageError
 from fiesnap.model.extents import Extent, physical_layout
+from fiesnap.model.units import format_bytes
 from fiesnap.kernel.fiemap import file_extents
+from fiesnap.kernel.fileflags import set_immutable
 from fiesnap.model.identity import IDENTITY_BYTES
 from fiesnap.kernel.fsprobe import check_statfs
+from fiesnap.kernel.mounts import private_mount
 
 STORE_DIR = ".fiesnap"
 STORE_DIR_MODE = 0o700
 STORE_FILE_MODE = 0o600
-
-FS_IOC_GETFLAGS = 0x80086601
-FS_IOC_SETFLAGS = 0x40086602
-FS_IMMUTABLE_FL = 0x00000010
 
 # Free space kept back when sizing a store: the filesystem needs room for the
 # store's own extent-tree blocks, and a checkpointed filesystem that is
@@ -64,15 +62,16 @@ class StoreFile:
     extents: tuple[Extent, ...]
 
 
-def _human(n: int) -> str:
-    if abs(n) >= 1 << 30:
-        return f"{n / (1 << 30):.1f} GiB"
-    return f"{n / (1 << 20):.1f} MiB"
-
-
 def space_margin(fs_bytes: int) -> int:
     """Bytes to leave free on a filesystem of `fs_bytes` bytes (see MIN_MARGIN_BYTES)."""
     return max(MIN_MARGIN_BYTES, fs_bytes // MARGIN_FRACTION)
+
+
+def usable_space(where: int | str) -> int:
+    """Free bytes a store may take on the filesystem of `where` (a path or an open fd):
+    what unprivileged users could still allocate, minus fiesnap's margin."""
+    sv = os.statvfs(where)
+    return max(0, sv.f_bavail * sv.f_frsize - space_margin(sv.f_blocks * sv.f_frsize))
 
 
 def _check_name(name: str) -> None:
@@ -86,37 +85,6 @@ def _name_of(relpath: str) -> str:
         raise RefusedError(f"store path {relpath!r} is not inside {STORE_DIR}/: the recorded state is corrupt")
     _check_name(parts[1])
     return parts[1]
-
-
-def _flags_error(e: OSError) -> FiesnapError:
-    if e.errno == errno.EPERM:
-        return NotRootError("changing the immutable flag needs CAP_LINUX_IMMUTABLE: run fiesnap as root")
-    if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
-        return FilesystemError("the filesystem has no immutable flag: fiesnap needs ext4 or XFS")
-    return FilesystemError(f"cannot read or change inode flags: {os.strerror(e.errno or 0)}; check dmesg")
-
-
-def _get_flags(fd: int) -> int:
-    try:
-        return struct.unpack("=I", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(4)))[0]
-    except OSError as e:
-        raise _flags_error(e) from e
-
-
-def set_immutable(fd: int, on: bool) -> None:
-    """Set or clear FS_IMMUTABLE_FL on the open file `fd`, keeping its other flags."""
-    flags = _get_flags(fd)
-    new = flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL
-    if new != flags:
-        try:
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("=I", new))
-        except OSError as e:
-            raise _flags_error(e) from e
-
-
-def is_immutable(fd: int) -> bool:
-    """Whether FS_IMMUTABLE_FL is set on the open file `fd`."""
-    return bool(_get_flags(fd) & FS_IMMUTABLE_FL)
 
 
 def _open_root(mountpoint: str) -> int:
@@ -162,9 +130,7 @@ def _open_store_dir(root_fd: int, mountpoint: str, *, fix_mode: bool = False) ->
 
 def _check_space(root_fd: int, mountpoint: str, size: int) -> int:
     """Refuse a store that would eat into the margin; return the usable bytes."""
-    sv = os.statvfs(root_fd)
-    avail = sv.f_bavail * sv.f_frsize
-    usable = max(0, avail - space_margin(sv.f_blocks * sv.f_frsize))
+    usable = usable_space(root_fd)
     if size > usable:
         raise FilesystemError(_no_space_message(mountpoint, size, usable))
     return usable
@@ -179,10 +145,9 @@ def check_free_space(mountpoint: str, size: int, *, label: str | None = None,
     """
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        sv = os.statvfs(fd)
+        usable = usable_space(fd)
     finally:
         os.close(fd)
-    usable = max(0, sv.f_bavail * sv.f_frsize - space_margin(sv.f_blocks * sv.f_frsize))
     if size > usable:
         raise FilesystemError(_no_space_message(label or mountpoint, size, usable, hint))
     return usable
@@ -190,7 +155,7 @@ def check_free_space(mountpoint: str, size: int, *, label: str | None = None,
 
 def _no_space_message(mountpoint: str, size: int, usable: int,
                       hint: str = "choose a smaller --size") -> str:
-    return f"not enough free space on {mountpoint}: need {_human(size)}, have {_human(usable)}; {hint}"
+    return f"not enough free space on {mountpoint}: need {format_bytes(size)}, have {format_bytes(usable)}; {hint}"
 
 
 def _discard(fd: int, dir_fd: int, name: str) -> list[str]:
@@ -258,7 +223,7 @@ def _create_in(
                 raise FilesystemError(_no_space_message(mountpoint, size, usable)) from e
             if e.errno == errno.EFBIG:
                 raise FilesystemError(
-                    f"{_human(size)} is too large for one file on {mountpoint}: choose a smaller --size"
+                    f"{format_bytes(size)} is too large for one file on {mountpoint}: choose a smaller --size"
                 ) from e
             raise FilesystemError(f"cannot allocate {where}: {os.strerror(e.errno or 0)}; check dmesg") from e
         os.fsync(fd)
@@ -521,7 +486,7 @@ def grow_store_file(mountpoint: str, relpath: str, new_size: int) -> tuple[Exten
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise FilesystemError(
                             f"not enough free space on {mountpoint} to grow the store by "
-                            f"{_human(new_size - old_size)}: free space or commit") from e
+                            f"{format_bytes(new_size - old_size)}: free space or commit") from e
                     raise FilesystemError(f"cannot grow {where}: {os.strerror(e.errno or 0)}; check dmesg") from e
                 os.fsync(wfd)
             finally:
@@ -548,3 +513,9 @@ def _clip(extents, size: int) -> list[Extent]:
             continue
         out.append(Extent(e.logical, e.physical, min(e.length, size - e.logical), e.flags))
     return out
+
+
+def discard_store(device: str, fstype: str, relpath: str) -> None:
+    """Remove a checkpoint's store file through a private mount of `device`."""
+    with private_mount(device, fstype) as mnt:
+        remove_store_file(mnt, relpath)

@@ -1,4 +1,4 @@
-"""Real-kernel test for issue 5: a real ext4 block trace, captured with dm-log-writes the way
+"""Real-kernel test: a real ext4 block trace, captured with dm-log-writes the way
 Android takes a dm-bow checkpoint (mount, fstrim, mark checkpoint with the filesystem frozen,
 workload), replayed through bow_compat's dm-bow model, then rolled back with `bow-compat
 restore`: the device must equal its checkpoint image in every block that was not free at the

@@ -1,4 +1,4 @@
-"""Real-kernel acceptance tests for start / status / commit / merge (issue 2).
+"""Real-kernel acceptance tests for start / status / commit / merge.
 
 Each test builds a filesystem on a scratch virtio disk, checkpoints it with the
 real fiesnap CLI on real device-mapper, changes it, and checks the result byte

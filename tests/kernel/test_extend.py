@@ -1,4 +1,4 @@
-"""Real-kernel tests for issue 4's `fiesnap extend`: online growth of a live store, and the
+"""Real-kernel tests for `fiesnap extend`: online growth of a live store, and the
 freed-then-reused trap (blocks live at the checkpoint, freed later, handed to the store file)."""
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ main()
 
 
 def test_merge_refuses_a_store_grown_over_saved_chunks(lab):
-    """Issue 4, merge planning for grown stores: a chunk written after the checkpoint (so it has
+    """Merge planning for grown stores: a chunk written after the checkpoint (so it has
     an exception: its checkpoint data sits in the store) and freed again must never join the
     store, or the merge would copy the saved data back over store chunks. extend skips such
     chunks; here that rule is switched off in-process (the only way to get there), and the
@@ -173,7 +173,7 @@ ROUNDS = 20  # x 10 MiB of churn
 
 @pytest.mark.parametrize("kind", ["ext4-4k", "xfs"])
 def test_monitor_keeps_a_small_store_from_overflowing(lab, tmp_path, kind):
-    """Issue 4: an 8 MiB store, the monitor running, 200 MiB of churn that deletes
+    """An 8 MiB store, the monitor running, 200 MiB of churn that deletes
     checkpoint-time files and writes new ones into the freed space (then deletes and rewrites
     those too): never overflows, and the rollback is exact."""
     sc.online_setup(lab, kind)

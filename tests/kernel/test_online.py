@@ -1,4 +1,4 @@
-"""Real-kernel tests for issue 3: setup, online start/commit with the filesystem mounted and
+"""Real-kernel tests: setup, online start/commit with the filesystem mounted and
 busy, activate/deactivate over an existing store, the identity block, udev hygiene."""
 
 from __future__ import annotations

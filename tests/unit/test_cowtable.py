@@ -16,7 +16,7 @@ CS = CB // 512
 def test_from_runs_follows_run_order():
     t = CowTable.from_runs([ChunkRun(100, 3), ChunkRun(10, 2)], CB)
     assert t.segments == (Segment(0, 3, 100), Segment(3, 2, 10))
-    assert t.total_chunks == 5 and t.backed_chunks == 5
+    assert t.total_chunks == 5
     assert t.total_sectors == 5 * CS
     assert t.chunk_sectors == CS
     assert [t.cow_to_phys(c) for c in range(5)] == [100, 101, 102, 10, 11]
@@ -27,21 +27,29 @@ def test_from_runs_merges_physically_contiguous_runs():
     assert t.segments == (Segment(0, 5, 10),)
 
 
-def test_append_runs_and_holes_keep_existing_addresses():
+def test_append_runs_keep_existing_addresses():
     t = CowTable.from_runs([ChunkRun(50, 4)], CB)
-    t2 = t.append_hole(3).append_hole(2).append_runs([ChunkRun(54, 1), ChunkRun(200, 2)])
+    t2 = t.append_runs([ChunkRun(60, 1)]).append_runs([ChunkRun(61, 1), ChunkRun(200, 2)])
     assert t2.segments == (
         Segment(0, 4, 50),
-        Segment(4, 5, None),
-        Segment(9, 1, 54),
-        Segment(10, 2, 200),
+        Segment(4, 2, 60),
+        Segment(6, 2, 200),
     )
-    assert t2.total_chunks == 12 and t2.backed_chunks == 7
+    assert t2.total_chunks == 8
     for c in range(4):
         assert t2.cow_to_phys(c) == t.cow_to_phys(c)
-    assert t2.cow_to_phys(4) is None and t2.cow_to_phys(8) is None
-    assert t2.cow_to_phys(9) == 54 and t2.cow_to_phys(11) == 201
+    assert t2.cow_to_phys(4) == 60 and t2.cow_to_phys(7) == 201
     assert t.segments == (Segment(0, 4, 50),)  # immutable
+
+
+def test_no_holes():
+    """An unbacked stretch would be an error target where dm-snapshot may put a metadata area."""
+    assert not hasattr(CowTable, "append_hole")
+    with pytest.raises(ValueError):
+        CowTable(CB, (Segment(0, 2, 10), Segment(2, 1, None)))
+    with pytest.raises(StateError):
+        CowTable.from_dict({"chunk_bytes": CB, "segments": [
+            {"cow_start": 0, "count": 2, "phys_start": 10}, {"cow_start": 2, "count": 1, "phys_start": None}]})
 
 
 def test_cow_to_phys_out_of_range():
@@ -52,17 +60,16 @@ def test_cow_to_phys_out_of_range():
 
 
 def test_store_chunks():
-    t = CowTable.from_runs([ChunkRun(100, 3), ChunkRun(10, 2)], CB).append_hole(5)
+    t = CowTable.from_runs([ChunkRun(100, 3), ChunkRun(10, 2)], CB)
     assert t.store_chunks() == ChunkSet([ChunkRun(10, 2), ChunkRun(100, 3)])
     assert len(t.store_chunks()) == 5
 
 
 def test_dm_targets():
-    t = CowTable.from_runs([ChunkRun(100, 3)], CB).append_hole(2).append_runs([ChunkRun(7, 1)])
+    t = CowTable.from_runs([ChunkRun(100, 3)], CB).append_runs([ChunkRun(7, 1)])
     assert t.dm_targets("8:16") == [
         DmTarget(0, 3 * CS, "linear", f"8:16 {100 * CS}"),
-        DmTarget(3 * CS, 2 * CS, "error", ""),
-        DmTarget(5 * CS, CS, "linear", f"8:16 {7 * CS}"),
+        DmTarget(3 * CS, CS, "linear", f"8:16 {7 * CS}"),
     ]
 
 
@@ -82,7 +89,7 @@ def test_empty_table():
         (CB, (Segment(0, 0, 0),)),  # empty
         (CB, (Segment(0, -1, 0),)),
         (CB, (Segment(0, 2, 10), Segment(2, 2, 11))),  # physical overlap
-        (CB, (Segment(0, 2, 10), Segment(2, 1, None), Segment(3, 6, 5))),  # physical overlap
+        (CB, (Segment(0, 2, 10), Segment(2, 6, 5))),  # physical overlap
         (CB, (Segment(0, 1, -1),)),
         (CB, (Segment(0, True, 1),)),
     ],
@@ -97,11 +104,11 @@ def test_append_overlapping_run_rejected():
     with pytest.raises(ValueError):
         t.append_runs([ChunkRun(14, 2)])
     with pytest.raises(ValueError):
-        t.append_hole(0)
+        t.append_runs([ChunkRun(20, 0)])
 
 
 def test_dict_round_trip_through_json():
-    t = CowTable.from_runs([ChunkRun(100, 3)], CB).append_hole(2).append_runs([ChunkRun(7, 1)])
+    t = CowTable.from_runs([ChunkRun(100, 3)], CB).append_runs([ChunkRun(7, 1)])
     d = json.loads(json.dumps(t.to_dict()))
     assert CowTable.from_dict(d) == t
     assert CowTable.from_dict(d).to_dict() == t.to_dict()
@@ -127,7 +134,7 @@ def test_from_dict_rejects_damage(data):
         CowTable.from_dict(data)
 
 
-# A random table: disjoint physical runs in shuffled order, holes between.
+# A random table: disjoint physical runs in shuffled order, appended in steps.
 @st.composite
 def tables(draw):
     cb = draw(st.sampled_from([512, 4096, 65536]))
@@ -140,8 +147,6 @@ def tables(draw):
     order = draw(st.permutations(runs))
     t = CowTable(cb, ())
     for r in order:
-        if draw(st.booleans()):
-            t = t.append_hole(draw(st.integers(1, 5)))
         t = t.append_runs([r])
     return t
 
@@ -161,22 +166,11 @@ def test_cow_to_phys_consistent_with_dm_targets(t):
     for tg in targets:
         for k in range(tg.length // cs):
             c = tg.start // cs + k
-            if tg.target_type == "error":
-                assert t.cow_to_phys(c) is None
-            else:
-                dev, off = tg.params.split()
-                assert dev == "7:0"
-                assert t.cow_to_phys(c) == int(off) // cs + k
+            assert tg.target_type == "linear"
+            dev, off = tg.params.split()
+            assert dev == "7:0"
+            assert t.cow_to_phys(c) == int(off) // cs + k
     backed = [t.cow_to_phys(c) for c in range(t.total_chunks)]
-    backed = [p for p in backed if p is not None]
-    assert len(backed) == len(set(backed)) == t.backed_chunks == len(t.store_chunks())
+    assert len(backed) == len(set(backed)) == t.total_chunks == len(t.store_chunks())
     assert set(backed) == set(t.store_chunks())
-    assert set(t.backed_cow_chunks()) == {
-        c for c in range(t.total_chunks) if t.cow_to_phys(c) is not None
-    }
     assert CowTable.from_dict(json.loads(json.dumps(t.to_dict()))) == t
-
-
-def test_backed_cow_chunks():
-    t = CowTable.from_runs([ChunkRun(100, 3)], CB).append_hole(2).append_runs([ChunkRun(7, 1)])
-    assert t.backed_cow_chunks() == ChunkSet([ChunkRun(0, 3), ChunkRun(5, 1)])

@@ -1,4 +1,5 @@
-"""fiesnap.kernel.dm without a kernel device-mapper: ABI layouts, parsing, checks, errors.
+"""fiesnap.kernel.dm, .libdm and .dmnodes without a kernel device-mapper: ABI layouts,
+parsing, checks, errors, the binding's typed handles, node handling.
 
 Nothing here runs a libdevmapper task (that would open /dev/mapper/control);
 the real-kernel side is tests/kernel/test_dm.py.
@@ -15,24 +16,15 @@ import struct
 import pytest
 
 from fiesnap.kernel import dm as dmmod
-from fiesnap.kernel.dm import (
-    DM_NAMES_NAME_OFFSET,
+from fiesnap.kernel import dmnodes
+from fiesnap.kernel import libdm
+from fiesnap.kernel.dm import DeviceMapper, DmInfo, check_uuid, dm_error
+from fiesnap.kernel.dmnodes import check_name, udev_running
+from fiesnap.kernel.libdm import (
     DM_VERSIONS_NAME_OFFSET,
-    LIBDM_MISSING,
-    DeviceMapper,
-    DmDevice,
-    DmInfo,
     DmInfoStruct,
-    DmNamesStruct,
     DmVersionsStruct,
-    check_name,
-    check_uuid,
-    dev_major,
-    dev_minor,
-    dm_error,
-    parse_dm_names,
     parse_dm_versions,
-    udev_running,
 )
 from fiesnap.model.dmtable import DmTarget
 from fiesnap.errors import DeviceMapperError
@@ -40,7 +32,7 @@ from fiesnap.errors import DeviceMapperError
 
 def _have_libdm() -> bool:
     try:
-        ctypes.CDLL(dmmod.LIBDM_SONAME)
+        ctypes.CDLL(libdm.SONAME)
     except OSError:
         return False
     return True
@@ -62,27 +54,26 @@ def test_dm_info_layout():
     assert [getattr(DmInfoStruct, n).offset for n in names] == list(range(0, 48, 4))
 
 
-def test_dm_names_and_versions_layout():
-    assert DmNamesStruct.dev.offset == 0 and DmNamesStruct.next.offset == 8
-    assert DM_NAMES_NAME_OFFSET == 12  # char name[0] right after the u32, not at sizeof (16)
-    assert ctypes.sizeof(DmNamesStruct) == 16
+def test_dm_versions_layout():
     assert DmVersionsStruct.next.offset == 0 and DmVersionsStruct.version.offset == 4
     assert DM_VERSIONS_NAME_OFFSET == 16
 
 
 def test_task_type_numbers():
-    assert (dmmod.DM_DEVICE_CREATE, dmmod.DM_DEVICE_RELOAD, dmmod.DM_DEVICE_REMOVE) == (0, 1, 2)
-    assert (dmmod.DM_DEVICE_SUSPEND, dmmod.DM_DEVICE_RESUME, dmmod.DM_DEVICE_INFO) == (4, 5, 6)
-    assert (dmmod.DM_DEVICE_STATUS, dmmod.DM_DEVICE_TABLE, dmmod.DM_DEVICE_WAITEVENT) == (10, 11, 12)
-    assert (dmmod.DM_DEVICE_LIST, dmmod.DM_DEVICE_CLEAR, dmmod.DM_DEVICE_MKNODES) == (13, 14, 15)
-    assert (dmmod.DM_DEVICE_LIST_VERSIONS, dmmod.DM_DEVICE_TARGET_MSG) == (16, 17)
+    assert (libdm.DM_DEVICE_CREATE, libdm.DM_DEVICE_RELOAD, libdm.DM_DEVICE_REMOVE) == (0, 1, 2)
+    assert (libdm.DM_DEVICE_SUSPEND, libdm.DM_DEVICE_RESUME, libdm.DM_DEVICE_INFO) == (4, 5, 6)
+    assert (libdm.DM_DEVICE_STATUS, libdm.DM_DEVICE_TABLE, libdm.DM_DEVICE_WAITEVENT) == (10, 11, 12)
+    assert (libdm.DM_DEVICE_LIST, libdm.DM_DEVICE_CLEAR, libdm.DM_DEVICE_MKNODES) == (13, 14, 15)
+    assert (libdm.DM_DEVICE_LIST_VERSIONS, libdm.DM_DEVICE_TARGET_MSG) == (16, 17)
 
 
 def test_udev_flag_values():
-    assert dmmod.UDEV_DISABLE_DM_RULES == 0x1
-    assert dmmod.UDEV_DISABLE_LIBRARY_FALLBACK == 0x20
-    assert dmmod.UDEV_PRIMARY_SOURCE == 0x40
-    assert dmmod.UDEV_FLAGS_PRIVATE_LAYER == 0x2 | 0x4 | 0x8
+    assert libdm.UDEV_DISABLE_DM_RULES == 0x1
+    assert (libdm.UDEV_DISABLE_SUBSYSTEM_RULES, libdm.UDEV_DISABLE_DISK_RULES) == (0x2, 0x4)
+    assert (libdm.UDEV_DISABLE_OTHER_RULES, libdm.UDEV_LOW_PRIORITY) == (0x8, 0x10)
+    assert libdm.UDEV_DISABLE_LIBRARY_FALLBACK == 0x20
+    assert libdm.UDEV_PRIMARY_SOURCE == 0x40
+    assert libdm.UDEV_FLAGS_PRIVATE_LAYER == 0x2 | 0x4 | 0x8
 
 
 # --- DmInfo -----------------------------------------------------------------------------
@@ -115,45 +106,7 @@ def test_dm_info_deferred_flags():
     assert di.suspended and di.deferred_remove and di.internal_suspend
 
 
-# --- dm_names / dm_versions chains -----------------------------------------------------
-
-
-def _huge_encode_dev(major: int, minor: int) -> int:
-    """Linux huge_encode_dev / new_encode_dev."""
-    return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
-
-
-def _names_buf(entries: list[tuple[str, int, int]]) -> bytes:
-    out = bytearray()
-    for i, (name, major, minor) in enumerate(entries):
-        body = struct.pack("=QI", _huge_encode_dev(major, minor), 0) + name.encode() + b"\0"
-        body += b"\0" * (-len(body) % 8)
-        nxt = 0 if i == len(entries) - 1 else len(body)
-        body = body[:8] + struct.pack("=I", nxt) + body[12:]
-        out += body
-    return bytes(out)
-
-
-def test_parse_dm_names():
-    entries = [("root", 253, 0), ("fiesnap-cow", 253, 1), ("big-minor", 253, 1000)]
-    assert parse_dm_names(_names_buf(entries)) == [DmDevice(*e) for e in entries]
-
-
-def test_parse_dm_names_empty():
-    assert parse_dm_names(b"\0" * 32) == []
-
-
-def test_parse_dm_names_truncated():
-    buf = _names_buf([("a", 253, 0), ("b", 253, 1)])
-    with pytest.raises(ValueError):
-        parse_dm_names(buf[:20])
-
-
-def test_dev_decoding_matches_libc():
-    for major, minor in [(253, 0), (253, 255), (253, 256), (254, 1048575), (4095, 77)]:
-        dev = _huge_encode_dev(major, minor)
-        assert (dev_major(dev), dev_minor(dev)) == (major, minor)
-        assert (os.major(dev), os.minor(dev)) == (major, minor)
+# --- dm_versions chains ---------------------------------------------------------------
 
 
 def _versions_buf(entries: list[tuple[str, tuple[int, int, int]]]) -> bytes:
@@ -171,6 +124,12 @@ def test_parse_dm_versions():
     v = parse_dm_versions(_versions_buf(entries))
     assert v == dict(entries)
     assert v["snapshot"] >= (1, 15, 0)
+
+
+def test_parse_dm_versions_truncated():
+    buf = _versions_buf([("linear", (1, 4, 0)), ("zero", (1, 1, 0))])
+    with pytest.raises(ValueError):
+        parse_dm_versions(buf[:30])
 
 
 # --- names, uuids, tables ----------------------------------------------------------------
@@ -220,7 +179,7 @@ def test_bad_table_lines():
 def test_missing_library_error():
     with pytest.raises(DeviceMapperError) as ei:
         DeviceMapper(soname="libdevmapper-fiesnap-bogus.so.0")
-    assert str(ei.value) == LIBDM_MISSING == "libdevmapper not found: install the dmsetup package"
+    assert str(ei.value) == libdm.MISSING == "libdevmapper not found: install the dmsetup package"
     assert ei.value.exit_code == 9
 
 
@@ -241,29 +200,68 @@ def test_error_text_is_one_line_with_op_name_and_errno():
 def test_libdm_log_is_captured_not_printed(capfd):
     """A real libdm log_error (no kernel needed) lands in the per-thread buffer."""
     DeviceMapper()
-    lib = ctypes.CDLL(dmmod.LIBDM_SONAME)
+    lib = ctypes.CDLL(libdm.SONAME)
     lib.dm_set_uuid_prefix.argtypes = [ctypes.c_char_p]
     lib.dm_set_uuid_prefix.restype = ctypes.c_int
-    dmmod._messages().clear()
+    libdm.messages().clear()
     assert lib.dm_set_uuid_prefix(b"a-prefix-that-is-far-too-long") == 0
-    msgs = dmmod._messages()
+    msgs = libdm.messages()
     assert any("too long" in text and lvl == 3 for lvl, text in msgs), msgs
     out, err = capfd.readouterr()
     assert "too long" not in out + err
 
 
 def test_log_hook_never_raises():
-    dmmod._messages().clear()
-    buf = ctypes.create_string_buffer(b"hello from libdm")
-    dmmod._on_libdm_log(3 | 128, b"x.c", 1, b"%s", ctypes.addressof(buf))
-    dmmod._on_libdm_log(4, None, 0, b"raw %d format", 12345)
-    dmmod._on_libdm_log(7, None, 0, None, None)  # debug: not kept
-    assert dmmod._messages() == [(3, "hello from libdm"), (4, "raw %d format")]
+    libdm.messages().clear()
+    libdm._on_log(3 | 128, b"x.c", 1, -1, b"hello from libdm")
+    libdm._on_log(4, None, 0, 0, b"raw %d format")
+    libdm._on_log(7, None, 0, 0, None)  # debug: not kept
+    assert libdm.messages() == [(3, "hello from libdm"), (4, "raw %d format")]
+
+
+def test_last_error_shows_only_whole_sentences():
+    """A format with conversions is never shown (its arguments cannot be
+    read); an error wins over a later warning."""
+    libdm.messages().clear()
+    assert libdm.last_error() == ""
+    libdm._on_log(3, b"a.c", 1, -1, b"Failure to communicate with kernel device-mapper driver.")
+    libdm._on_log(3, b"a.c", 2, -1, b"device-mapper: %s ioctl on %s failed: %s")
+    libdm._on_log(4, b"a.c", 3, 0, b"a warning at 100%%")
+    assert libdm.last_error() == "Failure to communicate with kernel device-mapper driver."
+    libdm.messages().clear()
+    libdm._on_log(4, b"a.c", 3, 0, b"a warning at 100%%")
+    assert libdm.last_error() == "a warning at 100%"
+
+
+@needs_libdm
+def test_handles_refuse_other_pointers():
+    """A task argument takes a task handle only: no int, no NULL, no other
+    pointer (not even the target cursor, which itself may be NULL)."""
+    lib = libdm.load()
+    for bad in (0, 1234, None, ctypes.c_void_p(5), libdm.DmTargetCursor(5)):
+        with pytest.raises(ctypes.ArgumentError):
+            lib.dm_task_destroy(bad)
+    with pytest.raises(ctypes.ArgumentError):
+        lib.dm_get_next_target(libdm.DmTask(5), libdm.DmTask(5), None, None, None, None)
+
+
+@needs_libdm
+def test_signature_table_is_bound_with_errcheck():
+    lib = libdm.load()
+    assert libdm.load() is lib  # once per process
+    for fname, (argtypes, restype, errcheck) in libdm.SIGNATURES.items():
+        fn = getattr(lib, fname)
+        assert list(fn.argtypes) == argtypes and fn.restype is restype
+        assert getattr(fn, "errcheck", None) is errcheck
+    with pytest.raises(libdm.CallFailed) as ei:
+        lib.dm_get_library_version(ctypes.create_string_buffer(2), 2)  # too small: libdm says 0
+    assert ei.value.func == "dm_get_library_version"
+    assert isinstance(ei.value, DeviceMapperError)
 
 
 def test_udev_running(monkeypatch, tmp_path):
     ctl = tmp_path / "control"
-    monkeypatch.setattr(dmmod, "UDEV_CONTROL", str(ctl))
+    monkeypatch.setattr(dmnodes, "UDEV_CONTROL", str(ctl))
     monkeypatch.delenv("DM_DISABLE_UDEV", raising=False)
     assert not udev_running()
     ctl.touch()
@@ -279,7 +277,7 @@ def test_udev_running(monkeypatch, tmp_path):
 def dm_tmp(tmp_path, monkeypatch):
     if not _have_libdm():
         pytest.skip("libdevmapper.so.1.02.1 not installed")
-    monkeypatch.setattr(dmmod, "UDEV_CONTROL", str(tmp_path / "no-udev"))
+    monkeypatch.setattr(dmnodes, "UDEV_CONTROL", str(tmp_path / "no-udev"))
     (tmp_path / "mapper").mkdir()
     dm = DeviceMapper(dev_dir=str(tmp_path), udev_timeout=0.1)
     yield dm
@@ -323,7 +321,7 @@ def test_ensure_node_replaces_stale_block_node(dm_tmp):
     except PermissionError:
         pytest.skip("cannot mknod here")
     asked = []
-    dm_tmp._mknodes = asked.append  # no libdm task here (it would look for a kernel dm)
+    dm_tmp.nodes.mknodes = asked.append  # no libdm task here (it would look for a kernel dm)
     # Wanted 253:98: the stale node goes, libdm is asked, then fiesnap makes it.
     assert dm_tmp.ensure_node("fiesnap-c", 253, 98) == path
     assert asked == ["fiesnap-c"]
@@ -334,14 +332,14 @@ def test_unlink_only_what_is_ours(dm_tmp, tmp_path):
     path = dm_tmp.node_path("fiesnap-d")
     with open(path, "w") as f:
         f.write("x")
-    dm_tmp._unlink_if_ours(path, os.makedev(253, 1))
+    dm_tmp.nodes.unlink_if_ours(path, os.makedev(253, 1))
     assert os.path.exists(path)  # a regular file is never removed
     os.unlink(path)
     os.symlink(str(tmp_path / "dm-gone"), path)
-    dm_tmp._unlink_if_ours(path, os.makedev(253, 1))
+    dm_tmp.nodes.unlink_if_ours(path, os.makedev(253, 1))
     assert not os.path.lexists(path)  # dangling udev-style link: removed
     os.symlink(str(tmp_path / "mapper"), path)
-    dm_tmp._unlink_if_ours(path, os.makedev(253, 1))
+    dm_tmp.nodes.unlink_if_ours(path, os.makedev(253, 1))
     assert os.path.lexists(path)  # link to a non-block: left alone
     os.unlink(path)
 
@@ -350,6 +348,6 @@ def test_remove_node_gone_leaves_foreign_file(dm_tmp, caplog):
     path = dm_tmp.node_path("fiesnap-e")
     with open(path, "w") as f:
         f.write("x")
-    dm_tmp._ensure_node_gone("fiesnap-e", 253, 4)
+    dm_tmp.nodes.ensure_gone("fiesnap-e", 253, 4)
     assert os.path.exists(path)
     assert "left alone" in caplog.text

@@ -8,15 +8,15 @@ from dataclasses import replace
 
 import pytest
 
-from fiesnap.commands import online
+from fiesnap.commands import activate
 from fiesnap.services import stack
 from fiesnap.model.cowtable import CowTable
 from fiesnap.model.dmtable import linear
 from fiesnap.errors import DeviceMapperError, RefusedError
 from fiesnap.model.extents import ChunkRun
 from fiesnap.model.identity import encode_identity
-from fiesnap.commands.ops import expected_identity
-from fiesnap.services.statedir import CheckpointRecord
+from fiesnap.model.extents import Extent
+from fiesnap.model.record import CheckpointRecord, PreviousIdentity
 
 MiB = 1 << 20
 
@@ -25,35 +25,35 @@ def _record(runs) -> CheckpointRecord:
     return CheckpointRecord(
         name="cp", device="/dev/vdb", device_major=254, device_minor=16, device_bytes=64 * MiB,
         fstype="ext4", fs_uuid="u-1", checkpoint_id="c" * 32, chunk_bytes=4096, store_type="PO",
-        store_relpath=".fiesnap/s", store_file_bytes=80 * 4096, store_extents=[[0, 4096 * 99, 80 * 4096, 0]],
-        cow_table=CowTable.from_runs(runs, 4096).to_dict(), created="now", phase="active",
+        store_relpath=".fiesnap/s", store_file_bytes=80 * 4096, store_extents=(Extent(0, 4096 * 99, 80 * 4096, 0),),
+        cow_table=CowTable.from_runs(runs, 4096), created="now", phase="active",
         identity_offset=4096 * 99, generation=1,
     )
 
 
 def _grown(record: CheckpointRecord, more) -> CheckpointRecord:
     """What extend records at step 3, before it rewrites the identity block."""
-    prev = expected_identity(record)
-    grown = CowTable.from_dict(record.cow_table).append_runs(more)
-    return replace(record, cow_table=grown.to_dict(), generation=2,
-                   notes={"previous_identity": {"generation": 1, "map_sha256": prev.map_sha256}})
+    prev = record.expected_identity()
+    grown = record.cow.append_runs(more)
+    return replace(record, cow_table=grown, generation=2,
+                   previous_identity=PreviousIdentity(1, prev.map_sha256))
 
 
 def test_activate_accepts_the_previous_identity_while_extend_had_not_rewritten_it(monkeypatch):
     old = _record([ChunkRun(100, 50)])
     new = _grown(old, [ChunkRun(300, 20)])
-    monkeypatch.setattr(online, "read_identity_block", lambda dev, off: encode_identity(expected_identity(old)))
-    online.check_store_identity(new, "/dev/vdb")  # previous identity: accepted
-    monkeypatch.setattr(online, "read_identity_block", lambda dev, off: encode_identity(expected_identity(new)))
-    online.check_store_identity(new, "/dev/vdb")  # rewritten identity: accepted
+    monkeypatch.setattr(activate, "read_identity_block", lambda dev, off: encode_identity(old.expected_identity()))
+    activate.check_store_identity(new, "/dev/vdb")  # previous identity: accepted
+    monkeypatch.setattr(activate, "read_identity_block", lambda dev, off: encode_identity(new.expected_identity()))
+    activate.check_store_identity(new, "/dev/vdb")  # rewritten identity: accepted
 
 
 def test_without_the_note_the_previous_identity_is_refused(monkeypatch):
     old = _record([ChunkRun(100, 50)])
-    new = replace(_grown(old, [ChunkRun(300, 20)]), notes={})
-    monkeypatch.setattr(online, "read_identity_block", lambda dev, off: encode_identity(expected_identity(old)))
+    new = replace(_grown(old, [ChunkRun(300, 20)]), previous_identity=None)
+    monkeypatch.setattr(activate, "read_identity_block", lambda dev, off: encode_identity(old.expected_identity()))
     with pytest.raises(RefusedError, match="generation|map"):
-        online.check_store_identity(new, "/dev/vdb")
+        activate.check_store_identity(new, "/dev/vdb")
 
 
 def _t(start, length, offset):

@@ -34,10 +34,10 @@ from fiesnap.kernel.fiemap import FIEMAP_EXTENT_LAST, FIEMAP_EXTENT_UNWRITTEN, f
 from fiesnap.kernel.fsmap import free_space, merge_ranges
 from fiesnap.kernel.fsprobe import check_statfs, probe_device, probe_superblock
 from fiesnap.kernel.mounts import private_mount
+from fiesnap.kernel.fileflags import is_immutable
 from fiesnap.services.storefile import (
     StoreFile,
     create_store_file,
-    is_immutable,
     remove_store_file,
     store_extents,
 )

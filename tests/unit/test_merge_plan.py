@@ -130,13 +130,3 @@ def test_plan_properties(args):
             assert a.count == cap
 
 
-def test_sources_must_be_backed():
-    from fiesnap.model.cowtable import CowTable
-
-    cow = CowTable.from_runs([ChunkRun(1000, 6)], CB).append_hole(4).append_runs([ChunkRun(2000, 4)])
-    ok = table([(10, 2), (11, 3), (12, 12)])
-    plan_merge(ok, forbidden=cow.store_chunks(), sources=cow.backed_cow_chunks())
-    bad = table([(10, 4), (11, 5), (12, 6), (13, 7)])  # COW 6 and 7 lie in the hole
-    with pytest.raises(RefusedError, match="device chunk 12 is in COW chunk 6"):
-        plan_merge(bad, forbidden=cow.store_chunks(), sources=cow.backed_cow_chunks())
-    plan_merge(bad, forbidden=cow.store_chunks())  # check is opt-in

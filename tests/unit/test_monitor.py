@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fiesnap.errors import DeviceMapperError, FilesystemError, FiesnapError, RefusedError, UsageError
-from fiesnap.commands.monitor import Decision, Monitor, MonitorPolicy, Sample, decide, parse_step
+from fiesnap.commands.monitor import Monitor
+from fiesnap.model.monitor_policy import Decision, MonitorPolicy, Sample, decide, parse_step
 
 M = 1024**2
 G = 1024**3
@@ -485,10 +486,10 @@ def test_fast_writer_never_overflows() -> None:
 
 
 def test_fast_writer_overflows_without_rate_headroom(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fiesnap.commands.monitor
+    import fiesnap.model.monitor_policy
 
-    monkeypatch.setattr(fiesnap.commands.monitor, "RATE_TRIGGER_INTERVALS", 0)
-    monkeypatch.setattr(fiesnap.commands.monitor, "RATE_GROWTH_INTERVALS", 0)
+    monkeypatch.setattr(fiesnap.model.monitor_policy, "RATE_TRIGGER_INTERVALS", 0)
+    monkeypatch.setattr(fiesnap.model.monitor_policy, "RATE_GROWTH_INTERVALS", 0)
     w = World({"data": Checkpoint(store=8 * M, rate=3 * M)})
     w.monitor(MonitorPolicy(step_bytes=4 * M)).run(max_rounds=60)
     assert w.cps["data"].state == "invalid"

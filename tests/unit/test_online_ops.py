@@ -1,4 +1,4 @@
-"""online.activate / deactivate / resolve_target and the record's new fields, with fakes.
+"""activate / deactivate, start's resolve_target and the record's fields, with fakes.
 
 Device-mapper, the device search and the raw identity read are faked; the
 state folder is real (tmp_path), and so is the identity check: the fake read
@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from test_host_adapters import MKFS, host, loop_image  # noqa: F401  (host: fixture)
 
-from fiesnap.commands import online
+from fiesnap.commands import activate as online
+from fiesnap.commands import start
+from fiesnap.kernel import blockdev
 from fiesnap.kernel.blockdev import BlockDevice
 from fiesnap.model.cowtable import CowTable
 from fiesnap.kernel.dm import DmInfo
@@ -32,8 +34,9 @@ from fiesnap.errors import (
 from fiesnap.model.extents import ChunkRun
 from fiesnap.model.identity import IDENTITY_BYTES, encode_identity
 from fiesnap.kernel.mounts import private_mount
-from fiesnap.commands.ops import expected_identity
-from fiesnap.services.statedir import CheckpointRecord, StateStore
+from fiesnap.model.extents import Extent
+from fiesnap.model.record import CheckpointRecord
+from fiesnap.services.statedir import StateStore
 
 MiB = 1 << 20
 SETUP_ID = "5" * 32
@@ -53,7 +56,7 @@ def _active(name: str = "cp", *, minor: int = 16, phase: str = "active") -> Chec
     return replace(
         _passthrough(name, minor=minor), checkpoint_id=CKPT_ID, chunk_bytes=4096, store_type="PO",
         store_relpath=f".fiesnap/store-{name}", store_file_bytes=51 * 4096,
-        store_extents=[[0, 405504, 208896, 0]], cow_table=cow.to_dict(), created="now",
+        store_extents=(Extent(0, 405504, 208896, 0),), cow_table=cow, created="now",
         phase=phase, identity_offset=405504, generation=1, mode="online",
     )
 
@@ -99,7 +102,7 @@ class Env:
         monkeypatch.setattr(online, "read_identity_block", self._read_identity)
         monkeypatch.setattr(online, "build_stack", self._build_stack)
         monkeypatch.setattr(online, "create_passthrough", self._create_passthrough)
-        monkeypatch.setattr(online.blockdev, "mounts_of", lambda ma, mi: list(self.mounts.get((ma, mi), [])))
+        monkeypatch.setattr(blockdev, "mounts_of", lambda ma, mi: list(self.mounts.get((ma, mi), [])))
         monkeypatch.setattr(online.time, "sleep", lambda s: self.events.append(("sleep", s)))
 
     def _find_device(self, want):
@@ -123,7 +126,7 @@ class Env:
         if block is not None:
             return block
         r = next(r for r in self.state.load_all() if r.device == device)
-        return encode_identity(expected_identity(r))
+        return encode_identity(r.expected_identity())
 
     def _build_stack(self, dm, record, *, zero_header, log=lambda s: None):
         assert dm is self.dm
@@ -183,7 +186,7 @@ def test_activate_checkpoint_checks_identity_before_building(env):
 def test_activate_follows_a_moved_device(env):
     env.state.save(_active())
     env.found["cp"] = BlockDevice("/dev/vdz", 254, 48, 64 * MiB, 512)
-    env.blocks["/dev/vdz"] = encode_identity(expected_identity(_active()))
+    env.blocks["/dev/vdz"] = encode_identity(_active().expected_identity())
     env.activate("cp")
     moved = env.state.load("cp")
     assert (moved.device, moved.device_major, moved.device_minor) == ("/dev/vdz", 254, 48)
@@ -229,7 +232,7 @@ def test_activate_refuses_half_active(env, present):
 ])
 def test_activate_identity_mismatch_never_builds(env, change, error, match):
     env.state.save(_active())
-    env.blocks["/dev/vdcp"] = encode_identity(replace(expected_identity(_active()), **change))
+    env.blocks["/dev/vdcp"] = encode_identity(replace(_active().expected_identity(), **change))
     with pytest.raises(error, match=match):
         env.activate("cp")
     assert "build_stack" not in env.kinds()
@@ -406,53 +409,53 @@ def nodes(env, tmp_path, monkeypatch):
         made[label] = str(p)
     env.state.save(replace(_passthrough(), device=made["dev"]))
     env.state.save(replace(_passthrough("old", minor=32), device=made["unmanaged"], managed=False, setup_id=""))
-    monkeypatch.setattr(online, "os", _OsWith({"/dev/mapper/cp": made["mapper"]}))
+    monkeypatch.setattr(start, "os", _OsWith({"/dev/mapper/cp": made["mapper"]}))
     monkeypatch.chdir(tmp_path)
     return made
 
 
 def test_resolve_name(env, nodes):
-    assert online.resolve_target("cp", env.state) == "cp"
+    assert start.resolve_target("cp", env.state) == "cp"
 
 
 def test_resolve_unknown_name(env, nodes):
     with pytest.raises(CheckpointNameError, match="no device under fiesnap named 'nope': run 'fiesnap setup"):
-        online.resolve_target("nope", env.state)
+        start.resolve_target("nope", env.state)
 
 
 def test_resolve_mapper_path(env, nodes):
-    assert online.resolve_target("/dev/mapper/cp", env.state) == "cp"
+    assert start.resolve_target("/dev/mapper/cp", env.state) == "cp"
 
 
 def test_resolve_recorded_device(env, nodes):
-    assert online.resolve_target(nodes["dev"], env.state) == "cp"
+    assert start.resolve_target(nodes["dev"], env.state) == "cp"
 
 
 def test_resolve_plain_device_is_offline(env, nodes):
-    assert online.resolve_target(nodes["plain"], env.state) is None
-    assert online.resolve_target(nodes["unmanaged"], env.state) is None  # not managed: offline start
-    assert online.resolve_target("/dev/nonexistent-fiesnap", env.state) is None
+    assert start.resolve_target(nodes["plain"], env.state) is None
+    assert start.resolve_target(nodes["unmanaged"], env.state) is None  # not managed: offline start
+    assert start.resolve_target("/dev/nonexistent-fiesnap", env.state) is None
 
 
 def test_resolve_directory_that_is_not_a_mount_point(env, nodes, tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(UsageError, match="is not a mount point"):
-        online.resolve_target(str(tmp_path / "d"), env.state)
+        start.resolve_target(str(tmp_path / "d"), env.state)
 
 
 def test_resolve_mount_point_of_the_managed_device(env, nodes, tmp_path, monkeypatch):
     (tmp_path / "mnt").mkdir()
-    monkeypatch.setattr(online, "_mount_source_devno", lambda p: os.makedev(253, 7))
-    assert online.resolve_target(str(tmp_path / "mnt"), env.state) == "cp"
-    monkeypatch.setattr(online, "_mount_source_devno", lambda p: os.makedev(254, 16))  # the raw device
-    assert online.resolve_target(str(tmp_path / "mnt"), env.state) == "cp"
+    monkeypatch.setattr(start, "_mount_source_devno", lambda p: os.makedev(253, 7))
+    assert start.resolve_target(str(tmp_path / "mnt"), env.state) == "cp"
+    monkeypatch.setattr(start, "_mount_source_devno", lambda p: os.makedev(254, 16))  # the raw device
+    assert start.resolve_target(str(tmp_path / "mnt"), env.state) == "cp"
 
 
 def test_resolve_mount_point_not_through_fiesnap(env, nodes, tmp_path, monkeypatch):
     (tmp_path / "mnt").mkdir()
-    monkeypatch.setattr(online, "_mount_source_devno", lambda p: os.makedev(254, 99))
+    monkeypatch.setattr(start, "_mount_source_devno", lambda p: os.makedev(254, 99))
     with pytest.raises(DeviceError, match=r"is mounted straight from 254:99, not through fiesnap"):
-        online.resolve_target(str(tmp_path / "mnt"), env.state)
+        start.resolve_target(str(tmp_path / "mnt"), env.state)
 
 
 def _bind(src: str, dst: str) -> None:
@@ -478,18 +481,18 @@ def test_resolve_real_mount_points(env, host, tmp_path):
             dst.mkdir()
             _bind(os.path.join(mp, "sub"), str(dst))
             try:
-                assert online._mount_source_devno(mp) == st.st_rdev
-                assert online._mount_source_devno(str(dst)) == st.st_rdev
-                assert online._mount_source_devno(os.path.join(mp, "sub")) is None
+                assert start._mount_source_devno(mp) == st.st_rdev
+                assert start._mount_source_devno(str(dst)) == st.st_rdev
+                assert start._mount_source_devno(os.path.join(mp, "sub")) is None
                 for target in (mp, str(dst)):
                     with pytest.raises(DeviceError, match=f"mounted straight from {os.major(st.st_rdev)}:"
                                                           f"{os.minor(st.st_rdev)}, not through fiesnap"):
-                        online.resolve_target(target, env.state)
+                        start.resolve_target(target, env.state)
                 env.state.save(replace(_passthrough("loopy"), device=dev, device_major=os.major(st.st_rdev),
                                        device_minor=os.minor(st.st_rdev)))
-                assert online.resolve_target(mp, env.state) == "loopy"
-                assert online.resolve_target(str(dst) + "/", env.state) == "loopy"
-                assert online.resolve_target(dev, env.state) == "loopy"
+                assert start.resolve_target(mp, env.state) == "loopy"
+                assert start.resolve_target(str(dst) + "/", env.state) == "loopy"
+                assert start.resolve_target(dev, env.state) == "loopy"
             finally:
                 _umount(str(dst))
 
@@ -501,7 +504,7 @@ def test_same_filesystem_bind_mount_is_a_mount_point(host, tmp_path):
     dst.mkdir()
     _bind(str(src), str(dst))
     try:
-        assert online._mount_source_devno(str(dst)) == os.stat(tmp_path).st_dev
+        assert start._mount_source_devno(str(dst)) == os.stat(tmp_path).st_dev
     finally:
         _umount(str(dst))
 
@@ -512,10 +515,8 @@ def test_same_filesystem_bind_mount_is_a_mount_point(host, tmp_path):
 
 
 def test_as_passthrough_keeps_identity_clears_checkpoint():
-    r = _active()
-    r.notes = {"frozen_seconds": 0.1}
-    r.free_map = [[0, 4096]]
-    p = r.as_passthrough()
+    r = replace(_active(), frozen_seconds=0.1, free_map=((0, 4096),))
+    p = r.with_phase("committing").as_passthrough()
     keep = ("name", "device", "device_major", "device_minor", "device_bytes", "fstype", "fs_uuid",
             "managed", "setup_id")
     assert {k: getattr(p, k) for k in keep} == {k: getattr(r, k) for k in keep}
@@ -524,9 +525,8 @@ def test_as_passthrough_keeps_identity_clears_checkpoint():
                              fstype="ext4", fs_uuid="u")
     for k in ("checkpoint_id", "chunk_bytes", "store_type", "store_relpath", "store_file_bytes",
               "store_extents", "cow_table", "free_map", "created", "identity_offset", "generation",
-              "mode", "version"):
+              "mode", "frozen_seconds", "previous_identity"):
         assert getattr(p, k) == getattr(fresh, k), k
-    assert p.notes == r.notes and p.notes is not r.notes
 
 
 def test_setup_record_json_round_trip(tmp_path):
@@ -543,7 +543,7 @@ def test_setup_record_json_round_trip(tmp_path):
 
 
 def test_old_records_without_the_new_fields_still_load(tmp_path):
-    old = asdict(_active())
+    old = _active().to_dict()
     for k in ("managed", "setup_id", "identity_offset", "generation", "mode"):
         del old[k]
     old["some_future_field"] = 1  # unknown keys are ignored

@@ -19,7 +19,8 @@ from fiesnap.kernel.dm import DmInfo
 from fiesnap.model.dmtable import DmTarget
 from fiesnap.errors import DeviceMapperError, FilesystemError
 from fiesnap.model.extents import ChunkRun
-from fiesnap.services.statedir import CheckpointRecord
+from fiesnap.model.extents import Extent
+from fiesnap.model.record import CheckpointRecord
 
 MiB = 1 << 20
 
@@ -29,8 +30,8 @@ def _record(*, managed: bool = True) -> CheckpointRecord:
     return CheckpointRecord(
         name="cp", checkpoint_id="c" * 32, device="/dev/vdb", device_major=254, device_minor=16,
         device_bytes=64 * MiB, fstype="ext4", fs_uuid="u", chunk_bytes=4096, store_type="PO",
-        store_relpath=".fiesnap/s", store_file_bytes=51 * 4096, store_extents=[[0, 409600, 208896, 0]],
-        cow_table=cow.to_dict(), free_map=[], created="now", phase="starting",
+        store_relpath=".fiesnap/s", store_file_bytes=51 * 4096, store_extents=(Extent(0, 409600, 208896, 0),),
+        cow_table=cow, free_map=(), created="now", phase="starting",
         managed=managed, setup_id="5" * 32 if managed else "", mode="online",
     )
 

@@ -9,7 +9,8 @@ from fiesnap.model.cowtable import CowTable
 from fiesnap.kernel.dm import DmInfo
 from fiesnap.errors import DeviceMapperError
 from fiesnap.model.extents import ChunkRun
-from fiesnap.services.statedir import CheckpointRecord
+from fiesnap.model.extents import Extent
+from fiesnap.model.record import CheckpointRecord
 
 
 def _record() -> CheckpointRecord:
@@ -17,8 +18,8 @@ def _record() -> CheckpointRecord:
     return CheckpointRecord(
         name="cp", checkpoint_id="abc", device="/dev/vdb", device_major=254, device_minor=16,
         device_bytes=64 << 20, fstype="ext4", fs_uuid="u", chunk_bytes=4096, store_type="PO",
-        store_relpath=".fiesnap/s", store_file_bytes=50 * 4096, store_extents=[[0, 409600, 204800, 0]],
-        cow_table=cow.to_dict(), free_map=[], created="now",
+        store_relpath=".fiesnap/s", store_file_bytes=50 * 4096, store_extents=(Extent(0, 409600, 204800, 0),),
+        cow_table=cow, free_map=(), created="now",
     )
 
 

@@ -17,7 +17,8 @@ from fiesnap.errors import FilesystemError, RefusedError, UsageError
 from fiesnap.model.extents import Extent, head_location, physical_layout, whole_chunks, without_head
 from fiesnap.kernel.fiemap import FIEMAP_EXTENT_UNWRITTEN, file_extents
 from fiesnap.model.identity import IDENTITY_BYTES, StoreIdentity, decode_identity, encode_identity, map_checksum
-from fiesnap.services.storefile import create_store_file, is_immutable, read_head, rewrite_head, store_extents
+from fiesnap.kernel.fileflags import is_immutable
+from fiesnap.services.storefile import create_store_file, read_head, rewrite_head, store_extents
 
 
 def _ident(generation: int = 1) -> StoreIdentity:

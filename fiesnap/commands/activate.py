@@ -1,0 +1,158 @@
+"""`fiesnap activate` and `fiesnap deactivate`: bring recorded devices up after boot, or down.
+
+activate finds each device again (names move between boots), checks a
+checkpoint's store identity block raw from the device before mapping a single
+block of it, and rebuilds the stack over the existing store (never zeroed).
+deactivate takes the devices down without ending anything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+
+from fiesnap.commands.guards import Log, require_root
+from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, RefusedError
+from fiesnap.kernel.directio import AlignedBuffer, DirectDevice
+from fiesnap.kernel.locate import Wanted, find_device
+from fiesnap.model.identity import IDENTITY_BYTES, check_identity, decode_identity
+from fiesnap.model.record import CheckpointRecord
+from fiesnap.services.stack import StackNames, build_stack, create_passthrough, refuse_in_use
+from fiesnap.services.statedir import StateStore
+
+
+@dataclass(frozen=True)
+class ActivateResult:
+    name: str
+    result: str  # "activated", "already active", "failed"
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "result": self.result, "detail": self.detail}
+
+
+def read_identity_block(device: str, offset: int) -> bytes:
+    with AlignedBuffer(IDENTITY_BYTES) as buf, DirectDevice.open(device, write=False) as dev:
+        return bytes(dev.read_into(buf, offset, IDENTITY_BYTES))
+
+
+def check_store_identity(record: CheckpointRecord, device: str) -> None:
+    """Refuse unless the identity block at the recorded place matches the record."""
+    if record.identity_offset < 0:
+        raise RefusedError(
+            f"checkpoint {record.name!r} has no store identity recorded (made by an older fiesnap): "
+            "refusing to map its store blindly"
+        )
+    where = f"{device} byte {record.identity_offset}"
+    try:
+        raw = read_identity_block(device, record.identity_offset)
+    except OSError as e:
+        raise DeviceError(f"cannot read the store identity at {where}: {os.strerror(e.errno or 0)}") from e
+    found = decode_identity(raw, where)
+    expected = record.expected_identity()
+    previous = record.previous_identity
+    if previous is not None and (found.generation, found.map_sha256) == (previous.generation, previous.map_sha256):
+        # `extend` recorded a longer map and died before rewriting the block: the
+        # recorded map only appends safe chunks to the one the block names.
+        expected = replace(expected, generation=previous.generation, map_sha256=previous.map_sha256)
+    check_identity(found, expected, where)
+
+
+def _locate(record: CheckpointRecord, state: StateStore) -> CheckpointRecord:
+    """Find the device again (names move between boots); record its new name and numbers."""
+    dev = find_device(Wanted(record.name, record.device, record.fs_uuid, record.device_bytes))
+    if (dev.path, dev.major, dev.minor) != (record.device, record.device_major, record.device_minor):
+        record = record.relocated(os.path.realpath(dev.path), dev.major, dev.minor)
+        state.save(record)
+    return record
+
+
+def _activate_one(dm, record: CheckpointRecord, state: StateStore, log: Log) -> ActivateResult:
+    name = record.name
+    names = StackNames.for_name(name)
+    if record.phase in ("merging", "copied"):
+        raise RefusedError(f"a rollback of {name!r} is under way: run 'fiesnap merge {name}' to finish it")
+    if record.phase in ("starting", "committing"):
+        raise RefusedError(
+            f"checkpoint {name!r} was interrupted while {record.phase}: run 'fiesnap commit {name}' to finish"
+        )
+    present = [n for n in names.all() if dm.info(n) is not None]
+    if record.phase == "passthrough":
+        if names.origin in present:
+            return ActivateResult(name, "already active")
+        record = _locate(record, state)
+        create_passthrough(dm, record)
+        log(f"activated /dev/mapper/{name} (pass-through of {record.device})")
+        return ActivateResult(name, "activated", "passthrough")
+    if set(present) == set(names.all()):
+        return ActivateResult(name, "already active")
+    if present:
+        raise RefusedError(
+            f"{name!r} is half active ({', '.join(present)} present): run 'fiesnap deactivate {name}' first"
+        )
+    record = _locate(record, state)
+    check_store_identity(record, record.device)
+    build_stack(dm, record, zero_header=False, log=log)
+    log(f"activated checkpoint {name!r} over its existing store")
+    return ActivateResult(name, "activated", "checkpoint")
+
+
+def activate(name: str | None, dm_factory, state: StateStore, log: Log, *,
+             wait_seconds: float = 0.0) -> list[ActivateResult]:
+    """Rebuild recorded devices after boot. With --all, one failure does not stop the others."""
+    require_root()
+    with state.locked():
+        records = [state.load(name)] if name else state.load_all()
+        dm = dm_factory()
+        results = []
+        errors: list[FiesnapError] = []
+        deadline = time.monotonic() + wait_seconds  # one budget for all: boot waits at most this
+        for r in records:
+            while True:
+                try:
+                    results.append(_activate_one(dm, r, state, log))
+                    break
+                except FiesnapError as e:
+                    if isinstance(e, DeviceError) and time.monotonic() < deadline:
+                        time.sleep(0.5)  # devices still appearing during boot
+                        continue
+                    if name:
+                        raise
+                    errors.append(e)
+                    results.append(ActivateResult(r.name, "failed", str(e)))
+                    break
+        if errors:
+            for e in errors:
+                log(f"error: {e}")
+            first = errors[0]
+            raise type(first)(
+                f"{len(errors)} of {len(records)} could not be activated; first: {first}"
+            )
+        return results
+
+
+def deactivate(name: str, dm_factory, state: StateStore, log: Log) -> list[str]:
+    """Take NAME's devices down, ending nothing: activate brings them back."""
+    require_root()
+    with state.locked():
+        record = state.load(name)
+        dm = dm_factory()
+        names = StackNames.for_name(name)
+        refuse_in_use(dm.info(names.origin), name)
+        snap = dm.info(names.snap)
+        if snap is not None and snap.open_count:
+            raise DeviceError(f"{names.snap} is open by another program: close it first")
+        removed = []
+        for n in names.all():  # origin first: once it is gone nothing writes the device
+            if dm.info(n) is not None:
+                try:
+                    dm.remove(n)
+                except DeviceMapperError as e:
+                    raise DeviceMapperError(
+                        f"{e}; removed so far: {', '.join(removed) or 'nothing'}; "
+                        f"'fiesnap activate {name}' rebuilds them"
+                    ) from e
+                removed.append(n)
+        log(f"deactivated {name!r} ({record.phase}); 'fiesnap activate {name}' brings it back")
+        return removed

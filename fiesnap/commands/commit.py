@@ -1,0 +1,100 @@
+"""`fiesnap commit`: end a checkpoint keeping every change.
+
+The phase `committing` is recorded before the first device goes, so a commit
+interrupted at any point is finished by running it again.
+"""
+
+from __future__ import annotations
+
+from fiesnap.commands.guards import Log, require_root, verify_device
+from fiesnap.errors import DeviceError, RefusedError
+from fiesnap.kernel import blockdev
+from fiesnap.model.record import CheckpointRecord
+from fiesnap.services import storefile
+from fiesnap.services.stack import (
+    StackNames,
+    create_passthrough,
+    mount_source,
+    passthrough_targets,
+    reload_as_passthrough,
+    remove_if_present,
+)
+from fiesnap.services.statedir import StateStore
+
+
+def commit(name: str, dm_factory, state: StateStore, log: Log) -> str:
+    """End the checkpoint keeping every change. Returns "passthrough" or "removed"."""
+    require_root()
+    with state.locked():
+        record = state.load(name)
+        dm = dm_factory()
+        names = StackNames.for_name(name)
+        if record.phase in ("merging", "copied"):
+            raise RefusedError(
+                f"a rollback of {name!r} is under way: run 'fiesnap merge {name}' to finish it"
+            )
+        origin = dm.info(names.origin)
+        mounted = blockdev.mounts_of(origin.major, origin.minor) if origin else []
+        if record.phase == "passthrough" and record.managed:
+            raise RefusedError(
+                f"{name!r} has no checkpoint: nothing to commit; 'fiesnap start {name} --size SIZE' takes one"
+            )
+        if record.phase == "passthrough":
+            if mounted:
+                raise RefusedError(
+                    f"{name!r} is a plain pass-through mounted on {mounted[0]}: nothing to commit; "
+                    "unmount it and run commit again to remove the device"
+                )
+            remove_if_present(dm, names.origin)
+            state.delete(name)
+            log(f"removed pass-through /dev/mapper/{name}")
+            return "removed"
+
+        verify_device(record)
+        record = record.with_phase("committing")
+        state.save(record)
+        if record.managed:
+            return _commit_managed(dm, record, state, log)
+        if mounted:
+            reload_as_passthrough(dm, record)
+            log(f"/dev/mapper/{name} is now a plain pass-through; still mounted on {mounted[0]}")
+            remove_if_present(dm, names.snap)
+            remove_if_present(dm, names.cow)
+            _discard_store(f"/dev/mapper/{name}", record, log)
+            state.save(record.with_phase("passthrough"))
+            return "passthrough"
+        if origin is not None and origin.open_count:
+            raise DeviceError(
+                f"/dev/mapper/{name} is open by another program: close it and run commit again"
+            )
+        remove_if_present(dm, names.origin)
+        remove_if_present(dm, names.snap)
+        remove_if_present(dm, names.cow)
+        _discard_store(record.device, record, log)
+        state.delete(name)
+        log(f"checkpoint {name!r} committed; {record.device} holds the current data")
+        return "removed"
+
+
+def _commit_managed(dm, record: CheckpointRecord, state: StateStore, log: Log) -> str:
+    """Back to the pass-through, mounted or not; the record stays for the next checkpoint."""
+    names = StackNames.for_name(record.name)
+    if dm.info(names.origin) is None:
+        remove_if_present(dm, names.snap)
+        remove_if_present(dm, names.cow)
+        create_passthrough(dm, record)
+    elif dm.table(names.origin) != passthrough_targets(record):
+        reload_as_passthrough(dm, record)
+    log(f"/dev/mapper/{record.name} is a plain pass-through again")
+    remove_if_present(dm, names.snap)
+    remove_if_present(dm, names.cow)
+    if record.store_relpath:
+        _discard_store(mount_source(record), record, log)
+    state.save(record.as_passthrough())
+    log(f"checkpoint {record.name!r} committed; the device holds the current data")
+    return "passthrough"
+
+
+def _discard_store(device: str, record: CheckpointRecord, log: Log) -> None:
+    storefile.discard_store(device, record.fstype, record.store_relpath)
+    log(f"removed store file /{record.store_relpath}")

@@ -1,0 +1,130 @@
+"""`fiesnap merge` (alias `rollback`): copy the saved chunks back, offline.
+
+Phases make it resumable: `active` -> `merging` (recorded before the first
+device goes) -> `copied` (recorded after the device is fsynced) -> the record
+ends or becomes a pass-through. The copy only reads the store and the plan
+proves no destination lies inside it, so a merge killed at any point and run
+again ends exact. The exception table is read and fully validated twice: once
+before anything changes, and again after the origin is gone.
+"""
+
+from __future__ import annotations
+
+from fiesnap.commands.guards import Log, require_root, verify_device
+from fiesnap.errors import DeviceError, RefusedError
+from fiesnap.kernel import blockdev
+from fiesnap.model.record import CheckpointRecord
+from fiesnap.services import storefile
+from fiesnap.services.cowio import MergeResult, copy_back, make_plan, read_table
+from fiesnap.services.stack import (
+    StackNames,
+    create_passthrough,
+    ensure_cow,
+    mount_source,
+    remove_if_present,
+    snapshot_usage,
+)
+from fiesnap.services.statedir import StateStore
+
+
+def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: bool = False,
+          progress_factory=None) -> MergeResult | None:
+    """Roll back to the checkpoint. Safe to re-run after an interruption."""
+    require_root()
+    with state.locked():
+        record = state.load(name)
+        dm = dm_factory()
+        names = StackNames.for_name(name)
+        if record.phase == "starting":
+            raise RefusedError(
+                f"checkpoint {name!r} never finished starting: nothing to roll back; "
+                f"run 'fiesnap commit {name}' to clean up"
+            )
+        if record.phase in ("committing", "passthrough"):
+            raise RefusedError(
+                f"checkpoint {name!r} was committed: there is nothing to roll back"
+            )
+        verify_device(record)
+        where = blockdev.mounts_of(record.device_major, record.device_minor)
+        for n in names.all():
+            info = dm.info(n)
+            if info is not None:
+                where += blockdev.mounts_of(info.major, info.minor)
+        if where:
+            raise RefusedError(
+                f"the filesystem is mounted on {', '.join(where)}: unmount it, then run merge again"
+            )
+        result = None
+        if record.phase == "active":
+            _precheck(dm, record, names)
+            origin = dm.info(names.origin)
+            if origin is not None and origin.open_count:
+                raise DeviceError(
+                    f"/dev/mapper/{name} is open by another program: close it and run merge again"
+                )
+            record = record.with_phase("merging")
+            state.save(record)
+        if record.phase == "merging":
+            # Origin first: once it is gone nothing can write to the device, and
+            # removing the snapshot afterwards cannot let an unsaved write through.
+            remove_if_present(dm, names.origin)
+            remove_if_present(dm, names.snap)
+            cow_node = ensure_cow(dm, record)
+            table = read_table(cow_node, record)
+            plan = make_plan(table, record)
+            log(f"merging {len(table.entries)} chunks in {len(plan.runs)} runs "
+                f"({plan.total_bytes} bytes) onto {record.device}")
+            progress = progress_factory(plan.total_bytes) if progress_factory else None
+            try:
+                result = copy_back(plan, record, cow_node, record.device,
+                                   progress=progress.advance if progress else (lambda n: None))
+            finally:
+                if progress:
+                    progress.close()
+            record = record.with_phase("copied")
+            state.save(record)
+        if record.phase == "copied":
+            _finish(dm, record, state, log, keep_store=keep_store)
+        return result
+
+
+def _finish(dm, record: CheckpointRecord, state: StateStore, log: Log, *, keep_store: bool) -> None:
+    """The device holds the checkpoint again: take the store down and end the record."""
+    name = record.name
+    names = StackNames.for_name(name)
+    remove_if_present(dm, names.cow)
+    if record.managed and dm.info(names.origin) is None:
+        create_passthrough(dm, record)
+    if keep_store:
+        log(f"kept the store file /{record.store_relpath} (immutable; "
+            "chattr -i it before deleting)")
+    else:
+        storefile.discard_store(mount_source(record), record.fstype, record.store_relpath)
+        log(f"removed store file /{record.store_relpath}")
+    if record.managed:
+        state.save(record.as_passthrough())
+        log(f"/dev/mapper/{name} is a plain pass-through again: mount it")
+    else:
+        state.delete(name)
+    log(f"rolled {record.device} back to checkpoint {name!r} of {record.created}")
+
+
+def _precheck(dm, record: CheckpointRecord, names: StackNames) -> None:
+    """Refuse before changing anything: invalid/overflowed snapshot, unreadable store."""
+    snap = dm.info(names.snap)
+    if snap is not None:
+        usage = snapshot_usage(dm, record)
+        if usage.state != "active":
+            raise RefusedError(
+                f"checkpoint {record.name!r} is {usage.state}: the store did not keep every "
+                f"change, so a rollback is impossible; 'fiesnap commit {record.name}' keeps "
+                "the current data"
+            )
+    created_cow = dm.info(names.cow) is None
+    cow_node = ensure_cow(dm, record)
+    try:
+        table = read_table(cow_node, record)
+        make_plan(table, record)
+    finally:
+        if created_cow:
+            remove_if_present(dm, names.cow)
