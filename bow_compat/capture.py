@@ -22,8 +22,6 @@ from fiesnap.kernel.dm import DeviceMapper
 from fiesnap.model.dmtable import DmTarget
 from fiesnap.kernel.freeze import frozen
 
-SECTOR = 512
-
 
 @dataclass(frozen=True)
 class CaptureResult:
