@@ -55,7 +55,7 @@ def test_merge_removes_store_file_and_fsck_clean(lab):
 
 
 def test_stale_store_header_is_never_loaded(lab):
-    """Trap 1: a second checkpoint on the blocks of an earlier store must start empty."""
+    """Stale COW header: a second checkpoint on the blocks of an earlier store must start empty."""
     _, first, _ = sc.prepare(lab, "ext4-4k", name="one")
     sc.churn_through(lab, "one")
     lab.fiesnap("commit", "one")  # frees the store file; its blocks keep a valid header
@@ -80,7 +80,7 @@ def test_stale_store_header_is_never_loaded(lab):
 
 
 def test_large_write_saves_every_chunk(lab):
-    """Trap 2: a 1 MiB direct write through the origin must save all 256 chunks."""
+    """Resume order: a 1 MiB direct write through the origin must save all 256 chunks."""
     before, rec, image = sc.prepare(lab, "ext4-4k")
     lab.mount("/dev/mapper/cp")
     used0 = lab.status("cp")["used_bytes"]

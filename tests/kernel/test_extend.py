@@ -92,7 +92,7 @@ def test_extend_grows_a_live_store_and_rollback_stays_exact(lab):
 
 
 def test_extend_skips_blocks_freed_since_the_checkpoint(lab):
-    """Trap 3. A file live at the checkpoint is deleted and the blocks that were free at the
+    """Freed-then-reused blocks. A file live at the checkpoint is deleted and the blocks that were free at the
     checkpoint are plugged (fallocate: no data, no COW), so growing the store must take the
     deleted file's blocks. Their checkpoint data was never saved (a delete writes no data):
     mapped into the store and written, the rollback would restore garbage there. extend must
