@@ -73,14 +73,18 @@ def replay(
     out_image: str = typer.Option(..., "--out", help="Image to create: the device as dm-bow leaves it."),
     mark: str = typer.Option("checkpoint", "--mark", help="Log mark that starts the checkpoint."),
     block_size: int = typer.Option(4096, "--block-size", help="Block size: a power of two, 512..65536 (dm-bow itself takes 512..4096)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an existing regular file (never LOG, BASE or a device)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Replay a dm-log-writes trace onto a copy of BASE through dm-bow.
 
     Entries before the mark are applied as they are (their discards are the free space), the
-    rest with backup-on-write. OUT appears only on success; BASE is never modified."""
+    rest with backup-on-write. OUT appears only on success; BASE is never modified. OUT must be
+    a new file (or, with --force, an existing regular file): never LOG, BASE, a device or a
+    directory (exit 2, nothing written)."""
     with _Bar("replay", in_bytes=False) as bar:
-        res = run_replay(log, base, out_image, mark=mark, block_size=block_size, progress=bar)
+        res = run_replay(log, base, out_image, mark=mark, block_size=block_size, force=force,
+                         progress=bar)
     d = res.to_dict()
     text = (f"{out_image}: {d['entries']} log entries ({d['entries_before_mark']} before the mark), "
             f"{d['data_bytes']} data bytes written, {d['backup_bytes']} backed up, "

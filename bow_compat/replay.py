@@ -6,22 +6,27 @@ mark enters CHECKPOINT; later entries run with backup-on-write. The result is th
 dm-bow device would hold at the end of the trace, whose block 0 is the dm-bow log that
 bow_compat.restore rolls back to the checkpoint.
 
-The base image is only read. OUT is built as a hidden temporary file next to it and renamed
-into place at the end, so a failed replay leaves no OUT (and no half-written one).
+The base image is only read. OUT is built as a hidden temporary file next to it and put in
+place at the end, so a failed replay leaves no OUT (and no half-written one). Before anything is
+read or written, replay refuses an OUT that is the log or the base (the same file, also through a
+symlink or a hard link), that is not a regular file (a device node, a directory, a fifo), or that
+exists without `force`; every error about OUT names it as given, never the temporary.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from bow_compat.errors import BowUsageError
 from bow_compat.format import SECTOR, valid_block_size
-from bow_compat.image import FileImage, copy_prefix
+from bow_compat.image import FileImage
 from bow_compat.logwrites import LogWrite, read_log
 from bow_compat.model import BowDevice, BowNoSpaceError, State
 
@@ -108,39 +113,171 @@ def replay_entries(entries: Iterable[LogWrite], device: BowDevice, *, mark: str 
 
 
 def replay(log: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, *,
-           mark: str = "checkpoint", block_size: int = 4096,
+           mark: str = "checkpoint", block_size: int = 4096, force: bool = False,
            progress: Progress | None = None) -> ReplayResult:
-    """Copy BASE to OUT and replay LOG onto OUT through dm-bow (see module docstring)."""
+    """Copy BASE to OUT and replay LOG onto OUT through dm-bow (see module docstring).
+
+    `force` lets OUT replace an existing regular file (never LOG, BASE or anything else)."""
     if not valid_block_size(block_size):
         raise BowUsageError(f"--block-size {block_size}: must be a power of two from 512 to 65536")
     log, base, out = os.fspath(log), os.fspath(base), os.fspath(out)
-    if os.path.exists(out) and os.path.samefile(out, base):
-        raise BowUsageError(f"{out} is the base image: the base is never modified, name another OUT")
-    with read_log(log) as trace:
-        base_size = os.stat(base).st_size if not _is_blockdev(base) else _dev_size(base)
-        _precheck(trace.entries(with_data=False), mark, base_size, block_size, base)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)),
-                                   prefix="." + os.path.basename(out) + ".", suffix=".partial")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would have made OUT, not mkstemp's 0600
-        os.close(fd)
+    target = _check_out(out, log, base, force=force)
+    with read_log(log) as trace, FileImage(base, writable=False) as src:
+        _precheck(trace.entries(with_data=False), mark, src.size, block_size, base)
+        partial = _PartialOut(out, target, src.size)
         try:
-            copy_prefix(base, tmp, base_size)
-            with FileImage(tmp) as image:
-                device = BowDevice(image, block_size, sync_each_step=False)
-                result = replay_entries(trace.entries(), device, mark=mark,
-                                        total=trace.nr_entries, progress=progress)
-                image.sync()
-            os.replace(tmp, out)
+            for offset in range(0, src.size, _COPY_CHUNK):
+                partial.write(offset, src.read(offset, min(_COPY_CHUNK, src.size - offset)))
+            device = BowDevice(partial, block_size, sync_each_step=False)
+            result = replay_entries(trace.entries(), device, mark=mark,
+                                    total=trace.nr_entries, progress=progress)
+            partial.sync()
+            partial.close()
+            _check_out(out, log, base, force=force)  # again: the replay took a while
+            partial.publish(replace=force and os.path.lexists(target))
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            partial.discard()
             raise
-    _fsync_dir(os.path.dirname(os.path.abspath(out)))
+    _fsync_dir(os.path.dirname(target))
     return result
+
+
+_COPY_CHUNK = 1 << 22
+
+_NOT_REGULAR = ((stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def _check_out(out: str, log: str, base: str, *, force: bool) -> str:
+    """Refuse an OUT replay must not write, with BowUsageError naming OUT as given; return the
+    path to create (OUT with symlinks resolved: through a symlink, the file it points to)."""
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        if os.path.islink(out):  # writing through it would create a file wherever it points
+            raise BowUsageError(f"{out} is a symbolic link to {os.readlink(out)}, which does not "
+                                f"exist: remove the link or name another --out") from None
+        return os.path.realpath(out)
+    for path, what in ((log, "the log being replayed"), (base, "the base image")):
+        if _same_file(st, os.stat(path)):
+            raise BowUsageError(f"{out} is {what}: replay never writes it, name another --out")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(st.st_mode)), "not a regular file")
+        hint = (" (copy the finished image onto the device afterwards)"
+                if stat.S_ISBLK(st.st_mode) else "")
+        raise BowUsageError(f"{out} is {kind}: replay only creates image files, name a new file "
+                            f"for --out{hint}")
+    if not force:
+        raise _exists(out)
+    return os.path.realpath(out)
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """The same inode, or two nodes of the same block device."""
+    if stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode):
+        return a.st_rdev == b.st_rdev
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _exists(out: str) -> BowUsageError:
+    return BowUsageError(f"{out} exists: pass --force to replace it, or name another --out")
+
+
+class _PartialOut:
+    """OUT while it is built: a hidden temporary next to it (an Image for BowDevice).
+
+    Every OSError it raises names OUT as the user gave it, never the temporary.
+
+    publish() puts it in place. Without --force that must fail, not replace, if OUT appeared
+    after _check_out(): os.link() of the temporary to OUT fails with EEXIST and is atomic on
+    every filesystem with hard links (NFS included, where renameat2's RENAME_NOREPLACE is not
+    supported, and without ctypes); the temporary is then unlinked. Where there are no hard
+    links (vfat, exfat), OUT is claimed with O_CREAT|O_EXCL, which fails as well, and the
+    temporary renamed over that empty claim. With --force, rename() replaces OUT atomically.
+    """
+
+    def __init__(self, out: str, target: str, size: int) -> None:
+        self.out, self.target, self.tmp, self.size = out, target, "", size
+        self.image: FileImage | None = None
+        with self._naming_out():
+            fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(target),
+                                            prefix="." + os.path.basename(target) + ".",
+                                            suffix=".partial")
+        try:
+            with self._naming_out():
+                umask = os.umask(0)
+                os.umask(umask)
+                os.fchmod(fd, 0o666 & ~umask)  # as open() would make OUT, not mkstemp's 0600
+                os.ftruncate(fd, size)
+                self.image = FileImage(self.tmp)
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _naming_out(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            text = e.strerror or str(e)
+            raise OSError(e.errno, text.replace(self.tmp, self.out) if self.tmp else text,
+                          self.out) from e
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._naming_out():
+            return self.image.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._naming_out():
+            self.image.write(offset, data)
+
+    def sync(self) -> None:
+        with self._naming_out():
+            self.image.sync()
+
+    def close(self) -> None:
+        if self.image is not None:
+            image, self.image = self.image, None
+            image.close()
+
+    def publish(self, *, replace: bool) -> None:
+        with self._naming_out():
+            if replace:
+                os.replace(self.tmp, self.target)
+                return
+            try:
+                os.link(self.tmp, self.target)
+            except FileExistsError:
+                raise _exists(self.out) from None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._claim_and_rename()
+                return
+            os.unlink(self.tmp)
+
+    def _claim_and_rename(self) -> None:
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            os.close(os.open(self.target, flags, 0o600))
+        except FileExistsError:
+            raise _exists(self.out) from None
+        try:
+            os.replace(self.tmp, self.target)
+        except BaseException:
+            os.unlink(self.target)
+            raise
+
+    def discard(self) -> None:
+        """Close and remove the temporary (after a failure); OUT is left as it was."""
+        self.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
 
 
 def _precheck(entries: Iterable[LogWrite], mark: str, base_size: int, block_size: int,
@@ -161,18 +298,6 @@ def _precheck(entries: Iterable[LogWrite], mark: str, base_size: int, block_size
     if top > base_size:
         raise BowUsageError(f"the log writes up to byte {top} (sector {top // SECTOR}) but {base} "
                             f"is only {base_size} bytes: wrong base image?")
-
-
-def _is_blockdev(path: str) -> bool:
-    return stat.S_ISBLK(os.stat(path).st_mode)
-
-
-def _dev_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:

@@ -21,7 +21,7 @@ from fiesnap.commands import setup as setup_cmd
 from fiesnap.commands import start as start_cmd
 from fiesnap.commands import status as status_cmd
 from fiesnap.commands.monitor import run_monitor
-from fiesnap.errors import FiesnapError, UsageError
+from fiesnap.errors import FiesnapError, RefusedError, UsageError
 from fiesnap.model.monitor_policy import MonitorPolicy, parse_step
 from fiesnap.model.units import format_bytes, parse_size
 from fiesnap.services.statedir import StateStore
@@ -136,17 +136,22 @@ def extend(
 
     Chunks that were in use at the checkpoint (freed since, and handed to the store file) or that
     have an exception stay allocated but unmapped: writing store data there would destroy
-    checkpoint data. Only NAME-cow is reloaded; no I/O is lost.
+    checkpoint data. Only NAME-cow is reloaded; no I/O is lost. The store's growth is what it
+    maps; when none of the new chunks is safe it does not grow: exit 7 (the result is still
+    printed with --json).
     """
     result = extend_cmd.extend(name, _dm_factory, StateStore(), _log,
                                by=_size(by, "--by") if by is not None else None,
                                to=_size(to, "--to") if to is not None else None)
     if as_json:
         _emit_json(result.to_dict())
-    else:
+    if result.mapped_bytes <= 0:
+        raise RefusedError(f"{result.nothing_mapped()}: commit or merge before it fills")
+    if not as_json:
         out.print(f"{name}: store {format_bytes(result.store_bytes_before)} -> "
-                  f"{format_bytes(result.store_bytes_after)} ({result.plan.skipped_chunks} unsafe chunks skipped)",
-                  markup=False)
+                  f"{format_bytes(result.store_bytes_after)} (+{format_bytes(result.mapped_bytes)} mapped; "
+                  f"store file {format_bytes(result.file_bytes_before)} -> {format_bytes(result.file_bytes_after)}, "
+                  f"{result.plan.skipped_chunks} unsafe chunks skipped)", markup=False)
 
 
 @app.command()
@@ -157,13 +162,14 @@ def monitor(
     step: str = typer.Option("100%", "--step", help="How much to grow: SIZE (64M) or PCT of the store (50%)."),
     max_size: Optional[str] = typer.Option(None, "--max", help="Never grow the store past SIZE."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between polls."),
-    once: bool = typer.Option(False, "--once", help="One round, then exit (1 if a checkpoint is lost)."),
+    once: bool = typer.Option(False, "--once", help="One round, then exit (1 if a checkpoint is lost or its store cannot grow safely)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every decision."),
 ) -> None:
     """Watch store usage and grow stores before they fill (foreground; see fiesnap-monitor.service).
 
     Polls (the kernel raises no event for usage growth), grows by --step or by what the measured
-    write rate needs, warns at 80/90/95% and says loudly when the filesystem has no room left.
+    write rate needs, warns at 80/90/95% and says loudly when the filesystem has no room left, or
+    when an extension mapped nothing (its new blocks were unsafe): then it backs off.
     """
     if bool(name) == all_:
         raise UsageError("give exactly one of NAME or --all")

@@ -1,6 +1,7 @@
 """Run a typer app the way both of this project's commands (fiesnap, bow-compat) must end:
-a known error is one line on stderr and its own exit code, a usage error exit 2, ^C 130, and a
-bug one line too (FIESNAP_DEBUG=1 shows the traceback)."""
+a known error is one line on stderr and its own exit code (followed by a `note:` line for each
+thing that went wrong while undoing it), a usage error exit 2, ^C 130, and a bug one line too
+(FIESNAP_DEBUG=1 shows the traceback)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def run_app(
         sys.exit(rv if isinstance(rv, int) else 0)
     except known as e:
         say(f"{prog}: error: {e}")
+        for note in getattr(e, "__notes__", ()):  # what undoing a failure ran into: rare, but act on it
+            say(f"{prog}: note: {note}")
         sys.exit(getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         say(f"{prog}: interrupted; {interrupted}")

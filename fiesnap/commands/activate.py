@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fiesnap.commands.guards import Log, require_root
 from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, RefusedError
-from fiesnap.kernel.directio import AlignedBuffer, DirectDevice
 from fiesnap.kernel.locate import Wanted, find_device
-from fiesnap.model.identity import IDENTITY_BYTES, check_identity, decode_identity
 from fiesnap.model.record import CheckpointRecord
 from fiesnap.services.stack import StackNames, build_stack, create_passthrough, refuse_in_use
+from fiesnap.services.storeid import check_store_identity
 from fiesnap.services.statedir import StateStore
 
 
@@ -30,33 +29,6 @@ class ActivateResult:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "result": self.result, "detail": self.detail}
-
-
-def read_identity_block(device: str, offset: int) -> bytes:
-    with AlignedBuffer(IDENTITY_BYTES) as buf, DirectDevice.open(device, write=False) as dev:
-        return bytes(dev.read_into(buf, offset, IDENTITY_BYTES))
-
-
-def check_store_identity(record: CheckpointRecord, device: str) -> None:
-    """Refuse unless the identity block at the recorded place matches the record."""
-    if record.identity_offset < 0:
-        raise RefusedError(
-            f"checkpoint {record.name!r} has no store identity recorded (made by an older fiesnap): "
-            "refusing to map its store blindly"
-        )
-    where = f"{device} byte {record.identity_offset}"
-    try:
-        raw = read_identity_block(device, record.identity_offset)
-    except OSError as e:
-        raise DeviceError(f"cannot read the store identity at {where}: {os.strerror(e.errno or 0)}") from e
-    found = decode_identity(raw, where)
-    expected = record.expected_identity()
-    previous = record.previous_identity
-    if previous is not None and (found.generation, found.map_sha256) == (previous.generation, previous.map_sha256):
-        # `extend` recorded a longer map and died before rewriting the block: the
-        # recorded map only appends safe chunks to the one the block names.
-        expected = replace(expected, generation=previous.generation, map_sha256=previous.map_sha256)
-    check_identity(found, expected, where)
 
 
 def _locate(record: CheckpointRecord, state: StateStore) -> CheckpointRecord:

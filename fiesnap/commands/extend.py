@@ -14,6 +14,13 @@ store and no unsafe chunk is ever used:
    acceptable), then rewrite the identity block, then drop the previous one;
 4. only then reload `-cow` with the longer table (load, suspend, resume: the
    snapshot's I/O waits, none is lost).
+
+Growth is what the store maps (`store_bytes_*`, `mapped_bytes`), not what the
+file grew by. When no new chunk is safe, the file has grown and the store has
+not: `extend` returns that result (nothing mapped, the record keeps the longer
+file) and the CLI turns it into exit 7 (RefusedError) after printing it. The
+unsafe blocks stay in the file on purpose, until the checkpoint ends: freed,
+the filesystem would hand the same blocks to the next attempt.
 """
 
 from __future__ import annotations
@@ -43,6 +50,38 @@ class ExtendResult:
     store_bytes_before: int
     store_bytes_after: int
     plan: ExtensionPlan
+    chunk_bytes: int
+
+    @property
+    def mapped_bytes(self) -> int:
+        """What the store grew by: the new chunks it maps (its usable size)."""
+        return self.store_bytes_after - self.store_bytes_before
+
+    @property
+    def file_grown_bytes(self) -> int:
+        return self.file_bytes_after - self.file_bytes_before
+
+    @property
+    def unsafe_chunks(self) -> int:
+        """New chunks left unmapped because mapping them would destroy checkpoint data."""
+        return self.plan.live_at_checkpoint + self.plan.excepted
+
+    def why_unsafe(self) -> str:
+        """Why chunks were skipped, in words: '3 were in use at the checkpoint, 2 hold saved chunks'."""
+        return (f"{self.plan.live_at_checkpoint} were in use at the checkpoint, "
+                f"{self.plan.excepted} hold saved chunks")
+
+    def nothing_mapped(self) -> str:
+        """Why an extension mapped nothing, in one line (the CLI's error, the monitor's alarm)."""
+        if self.plan.skipped_chunks == 0:
+            why = (f"the file's {format_bytes(self.file_grown_bytes)} of new space holds no whole chunk "
+                   f"of {format_bytes(self.chunk_bytes)}")
+        else:
+            why = (f"none of the {self.plan.skipped_chunks} new chunks of its file may be mapped "
+                   f"({self.why_unsafe()}: store data there would destroy checkpoint data)")
+        return (f"the store of {self.name!r} cannot grow safely: {why}; the file grew by "
+                f"{format_bytes(self.file_grown_bytes)} and keeps those blocks until the checkpoint "
+                f"ends, the store stays {format_bytes(self.store_bytes_after)}")
 
     def to_dict(self) -> dict:
         p = self.plan
@@ -50,12 +89,16 @@ class ExtendResult:
             "name": self.name,
             "file_bytes_before": self.file_bytes_before,
             "file_bytes_after": self.file_bytes_after,
+            "file_bytes_added": self.file_grown_bytes,
             "store_bytes_before": self.store_bytes_before,
             "store_bytes_after": self.store_bytes_after,
+            "store_bytes_added": self.mapped_bytes,
+            "chunk_bytes": self.chunk_bytes,
             "added_chunks": p.added_chunks,
             "skipped_chunks": p.skipped_chunks,
             "skipped_live_at_checkpoint": p.live_at_checkpoint,
             "skipped_with_exception": p.excepted,
+            "skipped_already_mapped": p.already_mapped,
         }
 
 
@@ -108,11 +151,10 @@ def extend(name: str, dm_factory, state: StateStore, log: Log, *,
                 mapped=record.cow.store_chunks(),
             )
             if plan.added_chunks == 0:
-                state.save(record)  # the file grew; the map did not
-                log(f"no safe chunk among the {plan.skipped_chunks} new ones "
-                    f"({plan.live_at_checkpoint} were in use at the checkpoint, {plan.excepted} have "
-                    "exceptions): the store did not grow; try a larger --by")
-                return ExtendResult(name, old_size, new_size, before_store, before_store, plan)
+                # The file grew, the map did not: the caller says so (CLI: exit 7; monitor: backs off).
+                state.save(record)
+                return ExtendResult(name, old_size, new_size, before_store, before_store, plan,
+                                    record.chunk_bytes)
             record = record.grown(record.cow.append_runs(plan.runs))
             state.save(record)  # 3: the new map first; the old identity stays acceptable
             storefile.rewrite_head(mnt, record.store_relpath, encode_identity(record.expected_identity()))
@@ -122,12 +164,12 @@ def extend(name: str, dm_factory, state: StateStore, log: Log, *,
         dm.load(names.cow, cow_targets(record))
         dm.suspend(names.cow, lockfs=False)
         dm.resume(names.cow)
-        after_store = record.store_bytes
-        log(f"store of {name!r} grew from {format_bytes(before_store)} to {format_bytes(after_store)}"
-            + (f"; skipped {plan.skipped_chunks} unsafe chunks ({plan.live_at_checkpoint} in use at the "
-               f"checkpoint, {plan.excepted} with exceptions), left allocated but unmapped"
-               if plan.skipped_chunks else ""))
-        return ExtendResult(name, old_size, new_size, before_store, after_store, plan)
+        result = ExtendResult(name, old_size, new_size, before_store, record.store_bytes, plan,
+                              record.chunk_bytes)
+        log(f"store of {name!r} grew from {format_bytes(before_store)} to {format_bytes(result.store_bytes_after)}"
+            + (f"; skipped {plan.skipped_chunks} unsafe chunks ({result.why_unsafe()}), left allocated "
+               "but unmapped" if plan.skipped_chunks else ""))
+        return result
 
 
 def fs_room(dm, record: CheckpointRecord) -> int:

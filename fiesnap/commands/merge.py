@@ -1,18 +1,22 @@
 """`fiesnap merge` (alias `rollback`): copy the saved chunks back, offline.
 
-Phases make it resumable: `active` -> `merging` (recorded before the first
-device goes) -> `copied` (recorded after the device is fsynced) -> the record
-ends or becomes a pass-through. The copy only reads the store and the plan
-proves no destination lies inside it, so a merge killed at any point and run
-again ends exact. The exception table is read and fully validated twice: once
-before anything changes, and again after the origin is gone.
+Phases make it resumable: `active` -> `merging` (recorded once the devices
+are down, the store's identity checked, its exception table read again and
+the plan proven, just before the first write) -> `copied` (recorded after the
+device is fsynced) -> the record ends or becomes a pass-through. The copy
+only reads the store and the plan proves no destination lies inside it, so a
+merge killed at any point and run again ends exact. The exception table is
+read and fully validated twice: once before anything changes, and again after
+the origin is gone. A refusal before `merging` is recorded wrote nothing, and
+leaves a checkpoint that `activate` or `commit` can still take.
 """
 
 from __future__ import annotations
 
 from fiesnap.commands.guards import Log, require_root, verify_device
-from fiesnap.errors import DeviceError, RefusedError
+from fiesnap.errors import DeviceError, FiesnapError, RefusedError
 from fiesnap.kernel import blockdev
+from fiesnap.kernel.directio import probe_exclusive
 from fiesnap.model.record import CheckpointRecord
 from fiesnap.services import storefile
 from fiesnap.services.cowio import MergeResult, copy_back, make_plan, read_table
@@ -45,11 +49,11 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
                 f"checkpoint {name!r} was committed: there is nothing to roll back"
             )
         verify_device(record)
-        where = blockdev.mounts_of(record.device_major, record.device_minor)
+        where = blockdev.mounts_anywhere(record.device_major, record.device_minor)
         for n in names.all():
             info = dm.info(n)
             if info is not None:
-                where += blockdev.mounts_of(info.major, info.minor)
+                where += blockdev.mounts_anywhere(info.major, info.minor)
         if where:
             raise RefusedError(
                 f"the filesystem is mounted on {', '.join(where)}: unmount it, then run merge again"
@@ -57,21 +61,30 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
         result = None
         if record.phase == "active":
             _precheck(dm, record, names)
-            origin = dm.info(names.origin)
-            if origin is not None and origin.open_count:
-                raise DeviceError(
-                    f"/dev/mapper/{name} is open by another program: close it and run merge again"
-                )
-            record = record.with_phase("merging")
-            state.save(record)
-        if record.phase == "merging":
+            for n in (names.origin, names.snap):
+                info = dm.info(n)
+                if info is not None and info.open_count:
+                    raise DeviceError(
+                        f"/dev/mapper/{n} is open by another program: close it and run merge again"
+                    )
+        if record.phase in ("active", "merging"):
             # Origin first: once it is gone nothing can write to the device, and
             # removing the snapshot afterwards cannot let an unsaved write through.
             remove_if_present(dm, names.origin)
             remove_if_present(dm, names.snap)
-            cow_node = ensure_cow(dm, record)
-            table = read_table(cow_node, record)
-            plan = make_plan(table, record)
+            try:
+                cow_node, table, plan = _prove(dm, record, names)
+            except FiesnapError as e:
+                if record.phase == "active":  # one line, with what to do next
+                    remove_if_present(dm, names.cow)  # as activate and commit expect to find it
+                    e.args = (f"{e}; nothing was written to {record.device}: 'fiesnap activate {name}' "
+                              f"brings the checkpoint back, 'fiesnap commit {name}' keeps the current data",)
+                raise
+            if record.phase == "active":
+                # Only now, with the table read again and the plan proven: a refusal
+                # above leaves a checkpoint that activate or commit can still take.
+                record = record.with_phase("merging")
+                state.save(record)
             log(f"merging {len(table.entries)} chunks in {len(plan.runs)} runs "
                 f"({plan.total_bytes} bytes) onto {record.device}")
             progress = progress_factory(plan.total_bytes) if progress_factory else None
@@ -86,6 +99,22 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
         if record.phase == "copied":
             _finish(dm, record, state, log, keep_store=keep_store)
         return result
+
+
+def _prove(dm, record: CheckpointRecord, names: StackNames):
+    """With NAME and NAME-snap gone: the device is free, the store is this checkpoint's,
+    its exception table reads and validates, and the plan is safe. Returns
+    (store node, table, plan). Changes nothing on the device."""
+    remove_if_present(dm, names.cow)  # recreated below, after the identity check
+    if not probe_exclusive(record.device):
+        raise DeviceError(
+            f"{record.device} is in use (mounted in another mount namespace, or held by another "
+            f"device or program): find it with 'lsblk {record.device}' and 'fuser -vm {record.device}', "
+            "free it, then run merge again"
+        )
+    cow_node = ensure_cow(dm, record)
+    table = read_table(cow_node, record)
+    return cow_node, table, make_plan(table, record)
 
 
 def _finish(dm, record: CheckpointRecord, state: StateStore, log: Log, *, keep_store: bool) -> None:

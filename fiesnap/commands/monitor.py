@@ -9,6 +9,17 @@ policy (model/monitor_policy.py); `Monitor` wires it to injected callables, so
 the whole loop is tested without device-mapper, a clock or signals, and
 `run_monitor` wires those to the real commands. Signal handlers are installed
 only while `Monitor.run` runs.
+
+An extension is judged by what the store maps, not by what the file grew by.
+One that mapped nothing (every new block was in use at the checkpoint or holds
+saved chunks) is said once at error level, with why, and the checkpoint is
+stalled: no further allocation for it while nothing maps, only a retry after a
+back-off that doubles (30 s, 60 s, ... at most 30 min) or as soon as the
+filesystem's free space has grown by what the failed attempt took
+(model/monitor_policy.py `Stall` has the rules). Rounds that want growth and
+cannot have it return 1, so `--once` exits 1. One that mapped less than asked
+(some chunks unsafe) is a warning, once until an extension maps all it got.
+A later extension that maps chunks ends the stall and says so.
 """
 
 from __future__ import annotations
@@ -19,11 +30,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from fiesnap.commands.extend import extend, fs_room
+from fiesnap.commands.extend import ExtendResult, extend, fs_room
 from fiesnap.commands.guards import require_root
 from fiesnap.commands.status import status_of
 from fiesnap.errors import FiesnapError
-from fiesnap.model.monitor_policy import BAD_STATES, MonitorPolicy, Sample, decide
+from fiesnap.model.monitor_policy import BAD_STATES, MonitorPolicy, Sample, Stall, decide, stalled
 from fiesnap.model.units import MAX_SIZE, format_bytes
 from fiesnap.services.statedir import StateStore
 
@@ -48,8 +59,9 @@ class Monitor:
     """Poll every name, grow stores per `decide`, log what matters.
 
     Adapters are injected: names_provider (re-read each round, so new
-    checkpoints are picked up), sample, extend(name, bytes), fs_room(name),
-    log(level, message) with level in debug/info/warning/error.
+    checkpoints are picked up), sample, extend(name, bytes) -> ExtendResult
+    (nothing mapped is a result, not an error), fs_room(name), log(level,
+    message) with level in debug/info/warning/error.
     """
 
     def __init__(
@@ -57,7 +69,7 @@ class Monitor:
         policy: MonitorPolicy,
         names_provider: Callable[[], list[str]],
         sample: Callable[[str], Sample],
-        extend: Callable[[str, int], object],
+        extend: Callable[[str, int], ExtendResult],
         fs_room: Callable[[str], int],
         log: LogFn,
         clock: Callable[[], float] = time.monotonic,
@@ -73,6 +85,8 @@ class Monitor:
         self._sleep = sleep
         self._prev: dict[str, Sample] = {}
         self._last_warnings: dict[str, tuple[str, ...]] = {}
+        self._stalls: dict[str, Stall] = {}  # last extension mapped nothing: backing off
+        self._short: set[str] = set()  # last extension mapped less than it allocated: said once
 
     def run(self, once: bool = False, max_rounds: int | None = None) -> int:
         """Poll until SIGTERM/SIGINT (then 0), or for once/max_rounds rounds.
@@ -109,9 +123,11 @@ class Monitor:
         except FiesnapError as e:
             self._log("error", f"cannot list checkpoints: {e}")
             return 1
-        for gone in set(self._prev) - set(names):
-            del self._prev[gone]
+        for gone in (set(self._prev) | set(self._stalls) | self._short) - set(names):
+            self._prev.pop(gone, None)
             self._last_warnings.pop(gone, None)
+            self._stalls.pop(gone, None)
+            self._short.discard(gone)
         statuses = [self._serve(n) for n in names]  # every name, even after a failure
         return max(statuses, default=0)
 
@@ -126,11 +142,17 @@ class Monitor:
         prev = self._prev.get(name)
         self._prev[name] = cur
         status = 1 if cur.state in BAD_STATES else 0
+        stall = self._stalls.get(name)
+        if stall is not None and stall.ended_by(cur):
+            self._stalls.pop(name)
+            stall = None
         # Free space only matters when growth is wanted: ask for it only then.
         d = decide(self._policy, prev, cur, MAX_SIZE)
+        room = 0
         if d.extend_bytes > 0:
             try:
-                d = decide(self._policy, prev, cur, self._fs_room(name))
+                room = self._fs_room(name)
+                d = decide(self._policy, prev, cur, room)
             except FiesnapError as e:
                 self._log("error", f"{name}: cannot read the filesystem's free space: {e}")
                 d, status = replace(d, extend_bytes=0), 1
@@ -141,15 +163,50 @@ class Monitor:
             if msg not in last:  # the same alarm every poll would drown the log
                 self._log("warning", msg)
         self._last_warnings[name] = d.warnings
+        if d.extend_bytes <= 0:
+            self._log("debug", f"{name}: {d.reason}")
+            return status
+        retry = None if stall is None else stall.retry_reason(cur.time, room)
+        if stall is not None and retry is None:
+            self._log("debug", f"{name}: {d.reason}; not growing: the last extension mapped nothing, "
+                               f"{stall.waiting(cur.time)}")
+            return 1
         self._log("debug", f"{name}: {d.reason}")
-        if d.extend_bytes > 0:
-            try:
-                self._extend(name, d.extend_bytes)
-            except FiesnapError as e:
-                self._log("error", f"{name}: growing the store by {format_bytes(d.extend_bytes)} failed: {e}")
-                return 1
-            self._log("info", f"{name}: grew the store by {format_bytes(d.extend_bytes)} ({d.reason})")
+        try:
+            result = self._extend(name, d.extend_bytes)
+        except FiesnapError as e:
+            self._log("error", f"{name}: growing the store by {format_bytes(d.extend_bytes)} failed: {e}")
+            return 1
+        if result.mapped_bytes <= 0:
+            return self._nothing_mapped(name, cur, stall, retry, room, result)
+        if stall is not None:
+            del self._stalls[name]
+            self._log("info", f"{name}: the store grows safely again ({retry}): "
+                              f"{format_bytes(result.mapped_bytes)} mapped")
+        self._log("info", f"{name}: grew the store by {format_bytes(result.mapped_bytes)} ({d.reason})")
+        if result.unsafe_chunks == 0:
+            self._short.discard(name)
+        elif name not in self._short:  # once, until an extension maps everything it got
+            self._short.add(name)
+            self._log("warning", f"{name}: the store grew by {format_bytes(result.mapped_bytes)} only, the file "
+                                 f"by {format_bytes(result.file_grown_bytes)}: {result.unsafe_chunks} new chunks "
+                                 f"were unsafe to map ({result.why_unsafe()}) and stay allocated but unmapped")
         return status
+
+    def _nothing_mapped(self, name: str, cur: Sample, stall: Stall | None, retry: str | None,
+                        room: int, result: ExtendResult) -> int:
+        """An extension that mapped nothing: stall (or stay stalled, waiting longer); say it once."""
+        left = room - result.file_grown_bytes  # what the filesystem has left after the attempt
+        if stall is None:
+            stall = stalled(self._policy, cur.time, left, result.file_grown_bytes, cur.store_bytes)
+            self._log("error", f"{name}: {result.nothing_mapped()}; not growing it again for "
+                               f"{stall.wait_s:g} s unless free space grows: commit or merge before it fills")
+        else:
+            stall = stall.after_failure(self._policy, cur.time, left, result.file_grown_bytes)
+            self._log("info", f"{name}: retry ({retry}) mapped nothing again, {stall.failures} extensions "
+                              f"in a row ({result.why_unsafe()}); {stall.waiting(cur.time)}")
+        self._stalls[name] = stall
+        return 1
 
     def _pause(self, flag: _StopFlag) -> None:
         """Sleep one interval in short slices, so a signal stops the wait early."""
@@ -193,7 +250,7 @@ def run_monitor(name: str | None, policy: MonitorPolicy, dm_factory, state: Stat
         if level != "debug" or verbose:
             say(f"fiesnap monitor: {level}: {msg}")
 
-    def grow(n: str, nbytes: int) -> object:
+    def grow(n: str, nbytes: int) -> ExtendResult:
         return extend(n, lambda: dm, state, lambda m: log("info", m), by=nbytes)
 
     return Monitor(policy, names, sample, grow, lambda n: fs_room(dm, state.load(n)), log).run(once=once)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from fiesnap.commands.guards import (
@@ -300,10 +301,21 @@ def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore, l
 def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log) -> CheckpointRecord:
     """Build cow + snapshot, switch NAME to snapshot-origin while frozen, record the free map."""
     made = build_store_layers(dm, record, zero_header=True, log=log)
-    try:
+    spans: list[float] = []
+
+    @contextmanager
+    def window():
+        """The freeze, timed from before FIFREEZE to after FITHAW."""
         t0 = time.monotonic()
-        free = switch_to_origin(dm, record, lambda: frozen(mnt), lambda: free_space(mnt))
-        frozen_s = time.monotonic() - t0
+        try:
+            with frozen(mnt):
+                yield
+        finally:
+            spans.append(time.monotonic() - t0)
+
+    try:
+        free = switch_to_origin(dm, record, window, lambda: free_space(mnt))
+        frozen_s = spans[0]
     except BaseException:
         unwind(dm, made)
         raise

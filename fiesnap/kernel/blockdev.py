@@ -134,6 +134,40 @@ def mounts_of(major: int, minor: int) -> list[str]:
         return parse_mountinfo(f.read(), major, minor)
 
 
+def mounts_anywhere(major: int, minor: int, *, proc: str = "/proc") -> list[str]:
+    """Where the device is mounted in any mount namespace of a running process.
+
+    One mountinfo per namespace (the first process seen in it); mounts in
+    another namespace are named with that process, e.g. "/data (mount
+    namespace of pid 812)". A namespace with no process left is not seen.
+    """
+    own = _ns_of(os.path.join(proc, "self"))
+    seen: set[str] = set()
+    found: list[str] = []
+    for entry in sorted(os.listdir(proc), key=lambda e: (len(e), e)):
+        if not entry.isdigit():
+            continue
+        ns = _ns_of(os.path.join(proc, entry))
+        if ns is None or ns in seen:
+            continue
+        try:
+            with open(os.path.join(proc, entry, "mountinfo"), encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+        except OSError:
+            continue  # the process ended
+        seen.add(ns)
+        where = "" if ns == own else f" (mount namespace of pid {entry})"
+        found += [p + where for p in parse_mountinfo(text, major, minor)]
+    return found
+
+
+def _ns_of(pid_dir: str) -> str | None:
+    try:
+        return os.readlink(os.path.join(pid_dir, "ns", "mnt"))
+    except OSError:
+        return None
+
+
 def holders(major: int, minor: int) -> list[str]:
     """Kernel names (e.g. "dm-3") of devices stacked on this one, from sysfs."""
     base = os.path.join(SYS_DEV_BLOCK, dev_string(major, minor))

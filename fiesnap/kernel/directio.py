@@ -7,9 +7,13 @@ page cache. mmap gives page-aligned buffers, which O_DIRECT needs.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 from dataclasses import dataclass
+
+from fiesnap.errors import DeviceError
 
 
 class AlignedBuffer:
@@ -44,9 +48,26 @@ class DirectDevice:
     fd: int
 
     @classmethod
-    def open(cls, path: str, *, write: bool) -> "DirectDevice":
+    def open(cls, path: str, *, write: bool, expect_rdev: int | None = None,
+             exclusive: bool = False) -> "DirectDevice":
+        """Open `path`; with `expect_rdev`, refuse unless the opened file is that block
+        device (checked on the descriptor, so a node swapped after a check cannot
+        redirect the I/O); with `exclusive`, O_EXCL: EBUSY while the device is mounted
+        anywhere or held by another device or program."""
         flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_DIRECT | os.O_CLOEXEC
-        return cls(path, os.open(path, flags))
+        if exclusive:
+            flags |= os.O_EXCL
+        fd = os.open(path, flags)
+        if expect_rdev is not None:
+            st = os.fstat(fd)
+            if not stat.S_ISBLK(st.st_mode) or st.st_rdev != expect_rdev:
+                os.close(fd)
+                what = f"block device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" \
+                    if stat.S_ISBLK(st.st_mode) else "not a block device"
+                raise DeviceError(
+                    f"{path} is {what}, not {os.major(expect_rdev)}:{os.minor(expect_rdev)} as expected: "
+                    "refusing to use it (nothing was written)")
+        return cls(path, fd)
 
     def read_into(self, buf: AlignedBuffer, offset: int, length: int) -> memoryview:
         """Read exactly `length` bytes at `offset` into the start of `buf`."""
@@ -80,11 +101,24 @@ class DirectDevice:
         self.close()
 
 
-def zero_range(path: str, offset: int, length: int) -> None:
+def zero_range(path: str, offset: int, length: int, *, expect_rdev: int | None = None) -> None:
     """Write zeros over [offset, offset+length) with O_DIRECT, fsync, and read back to prove it."""
     size = max(mmap.PAGESIZE, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
-    with AlignedBuffer(size) as buf, DirectDevice.open(path, write=True) as dev:
+    with AlignedBuffer(size) as buf, DirectDevice.open(path, write=True, expect_rdev=expect_rdev) as dev:
         dev.write_from(buf, offset, length)
         dev.fsync()
         if any(bytes(dev.read_into(buf, offset, length))):
             raise OSError(f"{path}: bytes {offset}..{offset + length} did not read back as zeros")
+
+
+def probe_exclusive(path: str) -> bool:
+    """True if nothing holds the block device: not mounted in any mount namespace, not
+    under another device, not opened exclusively by a program (an O_EXCL open succeeds)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return False
+        raise
+    os.close(fd)
+    return True

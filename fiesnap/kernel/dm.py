@@ -148,6 +148,29 @@ def dm_error(op: str, name: str | None, err: int, detail: str = "") -> DeviceMap
     return exc
 
 
+@dataclass
+class UdevPending:
+    """A resume whose udev confirmation is still owed (see DeviceMapper.resume_frozen)."""
+
+    dm: DeviceMapper
+    name: str
+    info: DmInfo
+    cookie: int | None
+    done: bool = False
+
+    def finish(self) -> bool:
+        """Wait (bounded) for udev, then make sure the node is right. Idempotent.
+        Returns False when udev did not confirm in time (the node is still checked)."""
+        if self.done:
+            return True
+        self.done = True
+        confirmed = True
+        if self.cookie is not None:
+            confirmed = dmnodes.wait_cookie(self.dm._lib, self.cookie, self.dm.nodes.udev_timeout)
+        self.dm.ensure_node(self.name, self.info.major, self.info.minor)
+        return confirmed
+
+
 class DeviceMapper:
     """Device-mapper operations by device name.
 
@@ -179,6 +202,7 @@ class DeviceMapper:
         cookie_flags: int | None = None,
         result: Callable[[libdm.DmTask], object] | None = None,
         raise_on_error: bool = True,
+        deferred: list[int] | None = None,
     ):
         """Create, set up, run and destroy one task, under the library lock.
 
@@ -195,7 +219,7 @@ class DeviceMapper:
                         lib.dm_task_set_name(dmt, raw_name)
                     if setup is not None:
                         setup(dmt)
-                    with dmnodes.udev_cookie(lib, dmt, cookie_flags):
+                    with dmnodes.udev_cookie(lib, dmt, cookie_flags, deferred):
                         ok = lib.dm_task_run(dmt)
                         err = 0 if ok else lib.dm_task_get_errno(dmt)
                     if not ok:
@@ -369,12 +393,31 @@ class DeviceMapper:
 
     def resume(self, name: str, *, udev_flags: int = 0) -> DmInfo:
         """Resume ``name`` (swapping in the inactive table if there is one)."""
+        di, cookie = self._resume(name, udev_flags, defer_udev=False)
+        return di
+
+    def resume_frozen(self, name: str, *, udev_flags: int = 0) -> UdevPending:
+        """Resume ``name`` while a filesystem on it may be frozen: no wait for udev.
+
+        The resume carries a udev cookie as always (without one libdm turns
+        off udev's dm rules for the event, which would drop NAME's udev
+        links), but nothing waits for it here: a slow udevd must never keep
+        a filesystem frozen. The caller thaws, then calls ``finish()`` on the
+        result, which waits a bounded time for udev and checks the node.
+        """
+        di, cookie = self._resume(name, udev_flags, defer_udev=True)
+        return UdevPending(self, name, di, cookie)
+
+    def _resume(self, name: str, udev_flags: int, *, defer_udev: bool) -> tuple[DmInfo, int | None]:
         flags = dmnodes.uevent_flags(udev_flags)
-        di = self._run(libdm.DM_DEVICE_RESUME, "resume", name, cookie_flags=flags)
+        deferred: list[int] | None = [] if defer_udev else None
+        di = self._run(libdm.DM_DEVICE_RESUME, "resume", name, cookie_flags=flags, deferred=deferred)
         if not di.exists:  # pragma: no cover - the kernel answers ENXIO instead
             raise dm_error("resume", name, errno_mod.ENXIO)
+        if deferred is not None:
+            return di, (deferred[0] if deferred else None)
         self.ensure_node(name, di.major, di.minor)
-        return di
+        return di, None
 
     def remove(self, name: str, *, retries: int = DEFAULT_REMOVE_RETRIES, udev_flags: int = 0) -> None:
         """Remove ``name``, retrying with backoff while it is busy (EBUSY)."""

@@ -24,7 +24,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from ctypes import byref, c_uint16, c_uint32
+from ctypes import byref, c_int, c_uint16, c_uint32
 
 try:  # waiting for udev: loaded up front, never while a filesystem is frozen
     import pyudev
@@ -59,18 +59,53 @@ def uevent_flags(udev_flags: int) -> int:
 
 
 @contextlib.contextmanager
-def udev_cookie(lib: ctypes.CDLL, dmt: libdm.DmTask, flags: int | None) -> Iterator[None]:
+def udev_cookie(lib: ctypes.CDLL, dmt: libdm.DmTask, flags: int | None,
+                deferred: list[int] | None = None) -> Iterator[None]:
     """Give the task a cookie (when ``flags`` is not None) and wait for it
-    with ``dm_udev_wait`` on leaving the block, whatever happened inside."""
+    with ``dm_udev_wait`` on leaving the block, whatever happened inside.
+
+    With ``deferred`` (a list), the cookie is appended to it instead and the
+    caller owes the wait (`wait_cookie`): for a resume while a filesystem on
+    the device is frozen, when nothing may block on udev.
+    """
     if flags is None:
         yield
         return
     cookie = c_uint32(0)
     lib.dm_task_set_cookie(dmt, byref(cookie), c_uint16(flags))
+    if deferred is not None:
+        deferred.append(cookie.value)
+        yield
+        return
     try:
         yield
     finally:
         lib.dm_udev_wait(cookie.value)
+
+
+def wait_cookie(lib: ctypes.CDLL, cookie: int, timeout: float) -> bool:
+    """Wait at most ``timeout`` seconds for udev to confirm a deferred cookie.
+
+    ``dm_udev_wait`` has no timeout; ``dm_udev_wait_immediate`` only looks, so
+    it is polled. It also runs libdm's stacked node operations. False if udev
+    did not answer in time: the cookie's semaphore is then left for udev to
+    release when it gets to the event (``dmsetup udevcomplete_all`` clears
+    leftovers).
+    """
+    deadline = time.monotonic() + timeout
+    ready = c_int(0)
+    while True:
+        with libdm.LOCK:
+            ok = lib.dm_udev_wait_immediate(cookie, byref(ready))
+        if not ok:
+            log.warning("waiting for udev cookie %#x failed: %s", cookie, libdm.last_error())
+            return False
+        if ready.value:
+            return True
+        if time.monotonic() >= deadline:
+            log.warning("udev did not confirm cookie %#x within %.1fs; left to udev", cookie, timeout)
+            return False
+        time.sleep(0.02)
 
 
 def check_name(name: str) -> bytes:

@@ -11,13 +11,23 @@ big-endian):
         s_magic @0x38 u16 = 0xEF53, s_feature_incompat @0x60 u32,
         s_uuid @0x68 [16], s_blocks_count_hi @0x150 u32 (if INCOMPAT_64BIT 0x80)
   XFS:  sb_magicnum @0 "XFSB", sb_blocksize @4 u32, sb_dblocks @8 u64,
-        sb_uuid @32 [16]
+        sb_rblocks @16 u64, sb_rextents @24 u64, sb_uuid @32 [16]
+
+XFS with a realtime section is refused: a file with the realtime flag
+(FS_XFLAG_REALTIME, possibly inherited from its folder) has its blocks on the
+realtime device, and FIEMAP gives addresses there, not on the data device a
+store is mapped onto. Checked twice: sb_rblocks/sb_rextents here, and the
+flag of the store file itself once created (`is_realtime`, FS_IOC_FSGETXATTR
+= _IOR('X', 31, struct fsxattr), 28 bytes, fsx_xflags first;
+include/uapi/linux/fs.h).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import os
 import struct
 import uuid
@@ -32,6 +42,10 @@ XFS_SUPER_MAGIC = 0x58465342  # "XFSB", also statfs f_type
 EXT4_SB_OFFSET = 1024
 EXT4_FEATURE_INCOMPAT_JOURNAL_DEV = 0x0008
 EXT4_FEATURE_INCOMPAT_64BIT = 0x0080
+
+FS_IOC_FSGETXATTR = 0x801C581F
+FSXATTR_BYTES = 28
+FS_XFLAG_REALTIME = 0x00000001
 
 _STATFS_TYPES = {EXT4_SUPER_MAGIC: "ext4", XFS_SUPER_MAGIC: "xfs"}
 
@@ -77,9 +91,14 @@ def _parse_ext4(sb: bytes, path: str) -> FsInfo | None:
 def _parse_xfs(sb: bytes, path: str) -> FsInfo | None:
     if len(sb) < 48 or sb[:4] != b"XFSB":
         return None
-    block_size, dblocks = struct.unpack_from(">IQ", sb, 4)
+    block_size, dblocks, rblocks, rextents = struct.unpack_from(">IQQQ", sb, 4)
     if block_size < 512 or block_size > 65536 or block_size & (block_size - 1):
         raise FilesystemError(f"XFS superblock on {path} has a bad block size: run xfs_repair -n")
+    if rblocks or rextents:
+        raise FilesystemError(
+            f"the XFS filesystem on {path} has a realtime section ({rblocks} blocks): FIEMAP addresses of "
+            "realtime files are not on this device; fiesnap supports XFS without a realtime section only"
+        )
     return FsInfo("xfs", str(uuid.UUID(bytes=sb[32:48])), block_size, dblocks * block_size)
 
 
@@ -125,6 +144,19 @@ def _read_head_direct(path: str) -> bytes:
     device write beneath it, so cached pages of the raw device can be stale."""
     with AlignedBuffer(4096) as buf, DirectDevice.open(path, write=False) as dev:
         return bytes(dev.read_into(buf, 0, 4096))[:2048]
+
+
+def is_realtime(fd: int) -> bool:
+    """Whether the open file `fd` has FS_XFLAG_REALTIME (its data on an XFS realtime device).
+
+    A filesystem that answers no FS_IOC_FSGETXATTR has no realtime files."""
+    try:
+        raw = fcntl.ioctl(fd, FS_IOC_FSGETXATTR, bytes(FSXATTR_BYTES))
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise FilesystemError(f"cannot read the file's XFS flags: {os.strerror(e.errno or 0)}; check dmesg") from e
+    return bool(struct.unpack_from("=I", raw, 0)[0] & FS_XFLAG_REALTIME)
 
 
 class _Statfs(ctypes.Structure):

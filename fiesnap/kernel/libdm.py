@@ -281,8 +281,8 @@ def _check(result, func, args):
 
 _p = POINTER
 # name -> (argtypes, restype, errcheck). No check where failure is data:
-# dm_task_run (the task's errno decides), dm_udev_wait (libdm logs; the task
-# already ran), dm_get_next_target (NULL ends the walk).
+# dm_task_run (the task's errno decides), dm_udev_wait and dm_udev_wait_immediate
+# (libdm logs; the task already ran), dm_get_next_target (NULL ends the walk).
 SIGNATURES: dict[str, tuple[list, object, Callable | None]] = {
     "dm_task_create": ([c_int], DmTask, _check),
     "dm_task_destroy": ([DmTask], None, None),
@@ -301,6 +301,7 @@ SIGNATURES: dict[str, tuple[list, object, Callable | None]] = {
     "dm_task_get_versions": ([DmTask], _p(DmVersionsStruct), _check),
     "dm_task_set_cookie": ([DmTask, _p(c_uint32), c_uint16], c_int, _check),
     "dm_udev_wait": ([c_uint32], c_int, None),
+    "dm_udev_wait_immediate": ([c_uint32, _p(c_int)], c_int, None),
     "dm_task_skip_lockfs": ([DmTask], c_int, _check),
     "dm_task_no_open_count": ([DmTask], c_int, _check),
     "dm_task_set_message": ([DmTask, c_char_p], c_int, _check),

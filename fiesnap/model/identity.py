@@ -185,5 +185,5 @@ def check_identity(found: StoreIdentity, expected: StoreIdentity, where: str) ->
         if a != b:
             raise RefusedError(
                 f"store identity at {where} {text.format(found=a, expected=b)}: "
-                "refusing to activate; the store or the record is not the one you think"
+                "refusing to map the store; the store or the record is not the one you think"
             )

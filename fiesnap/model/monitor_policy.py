@@ -9,8 +9,28 @@ fraction (threshold) and from the write rate between two polls, so a fast
 writer gets headroom for the time until the next poll and the extension.
 
 This module is the policy, pure: what to grow by, and what to warn about, from
-two samples. The loop that polls, sleeps, handles signals and calls `extend`
+two samples, and when to try again after an extension that mapped nothing
+(`Stall`). The loop that polls, sleeps, handles signals and calls `extend`
 is commands/monitor.py.
+
+Back-off. `extend` maps only new chunks that were free at the checkpoint and
+have no exception; when the filesystem hands the store file only other blocks
+(freed since the checkpoint: they were in use then, or hold saved chunks), the
+file grows and the store does not. Trying again at every poll would turn the
+filesystem's free space into allocated-but-unmapped blocks until the margin,
+and the checkpoint would overflow anyway. So after such an extension the
+checkpoint is stalled: no further allocation for it until either
+- the back-off has passed: BACKOFF_FIRST_S after the first failure, doubled
+  after every retry that maps nothing again, at most BACKOFF_MAX_S (never
+  less than one poll interval); or
+- the filesystem's free space has grown notably since the failed attempt: by
+  at least what that attempt took (the file's growth). Freed space is where a
+  retry can find safe blocks (say a preallocated file that was never written
+  is deleted); space that only shrinks cannot help.
+An extension that maps at least one chunk ends the stall; so does a store
+whose size changed otherwise (an admin's `fiesnap extend` mapped chunks, or a
+new checkpoint under the same name) or a checkpoint no longer active. The monitor says the stall loudly once (error
+level); retries that fail again are logged at info level with the next wait.
 """
 
 from __future__ import annotations
@@ -30,6 +50,11 @@ BAD_STATES = frozenset({"invalid", "overflowed"})
 RATE_TRIGGER_INTERVALS = 2
 # ... and then by at least what that rate writes in this many intervals.
 RATE_GROWTH_INTERVALS = 3
+
+# After an extension that mapped nothing: wait this long before allocating
+# again, doubling after every failed retry, up to BACKOFF_MAX_S.
+BACKOFF_FIRST_S = 30.0
+BACKOFF_MAX_S = 1800.0
 
 _PCT_RE = re.compile(r"\s*(?P<num>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*%\s*", re.ASCII)
 
@@ -206,3 +231,56 @@ def decide(policy: MonitorPolicy, prev: Sample | None, cur: Sample, fs_room_byte
         else:
             reason += f"; capped at --max {format_bytes(policy.max_bytes or 0)}"
     return Decision(amount, reason, tuple(warnings))
+
+
+@dataclass(frozen=True)
+class Stall:
+    """A checkpoint whose last extension mapped nothing: when to allocate again.
+
+    room_bytes is the filesystem's usable free space right after the failed
+    attempt, notable_bytes what that attempt took (the store file's growth):
+    free space back above room_bytes + notable_bytes allows a retry at once.
+    store_bytes is the store's mapped size then: a store of another size has
+    grown after all (or is another checkpoint).
+    """
+
+    retry_at: float
+    wait_s: float
+    room_bytes: int
+    notable_bytes: int
+    store_bytes: int
+    failures: int = 1  # extensions in a row that mapped nothing
+
+    def after_failure(self, policy: MonitorPolicy, now: float, room_bytes: int, took_bytes: int) -> Stall:
+        """The stall after a retry that mapped nothing again: a doubled back-off."""
+        return stalled(policy, now, room_bytes, took_bytes, self.store_bytes, previous=self)
+
+    def retry_reason(self, now: float, room_bytes: int) -> str | None:
+        """Why a retry is allowed now, or None while backing off."""
+        if now >= self.retry_at:
+            return f"back-off of {self.wait_s:g} s over"
+        grown = room_bytes - self.room_bytes
+        if grown >= max(1, self.notable_bytes):
+            return f"free space grew by {format_bytes(grown)}"
+        return None
+
+    def waiting(self, now: float) -> str:
+        """What the monitor waits for, for its debug line."""
+        return (f"next try in {max(0.0, self.retry_at - now):.0f} s, or once free space grows by "
+                f"{format_bytes(max(1, self.notable_bytes))}")
+
+    def ended_by(self, cur: Sample) -> bool:
+        """True when cur is no longer the store that stalled (ended, grown by hand, a new one)."""
+        return cur.state != ACTIVE or cur.store_bytes != self.store_bytes
+
+
+def stalled(policy: MonitorPolicy, now: float, room_bytes: int, took_bytes: int, store_bytes: int,
+            previous: Stall | None = None) -> Stall:
+    """The stall after an extension that mapped nothing (previous: the stall it retried)."""
+    if previous is None:
+        wait, failures = BACKOFF_FIRST_S, 1
+    else:
+        wait, failures = previous.wait_s * 2, previous.failures + 1
+    wait = max(min(wait, BACKOFF_MAX_S), policy.interval_s)
+    return Stall(retry_at=now + wait, wait_s=wait, room_bytes=max(0, room_bytes),
+                 notable_bytes=max(0, took_bytes), store_bytes=store_bytes, failures=failures)

@@ -9,7 +9,6 @@ killed at any point and re-run from the start ends exact.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from fiesnap.model.exstore import ExceptionTable, read_exception_table, scan_fro
 from fiesnap.model.merge_plan import MergePlan, plan_merge
 from fiesnap.model.record import CheckpointRecord
 
-#: Test hook: SIGKILL ourselves after this many copy runs, to prove re-runs are exact.
-KILL_AFTER_RUNS_ENV = "FIESNAP_TEST_KILL_AFTER_RUNS"
 MAX_RUN_CHUNKS_BYTES = 1 << 20
 
 
@@ -70,20 +67,18 @@ def copy_back(
 ) -> MergeResult:
     """Copy every planned run from the store to the device, then fsync the device."""
     chunk = record.chunk_bytes
-    kill_after = os.environ.get(KILL_AFTER_RUNS_ENV)
-    kill_after_runs = int(kill_after) if kill_after else None
+    ranges = list(plan.byte_ranges(record.device_bytes))  # refuses a run past the end before any write
     largest = max((r.count for r in plan.runs), default=1) * chunk
     started = time.monotonic()
     copied = 0
     with AlignedBuffer(largest) as buf, \
             DirectDevice.open(cow_node, write=False) as src, \
-            DirectDevice.open(device_path, write=True) as dst:
-        for done, (dest_off, src_off, length) in enumerate(plan.byte_ranges(record.device_bytes), start=1):
+            DirectDevice.open(device_path, write=True,
+                              expect_rdev=os.makedev(record.device_major, record.device_minor)) as dst:
+        for dest_off, src_off, length in ranges:
             src.read_into(buf, src_off, length)
             dst.write_from(buf, dest_off, length)
             copied += length
             progress(length)
-            if kill_after_runs is not None and done >= kill_after_runs:
-                os.kill(os.getpid(), signal.SIGKILL)
         dst.fsync()
     return MergeResult(len(plan.runs), plan.total_chunks, copied, time.monotonic() - started)

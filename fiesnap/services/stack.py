@@ -20,6 +20,7 @@ Any failure removes every device this call created, newest first.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
@@ -32,6 +33,7 @@ from fiesnap.model.record import CheckpointRecord
 from fiesnap.model.snapstatus import SnapshotUsage, parse_snapshot_status
 from fiesnap.model.units import SECTOR_BYTES
 from fiesnap.services.cowio import read_frontier
+from fiesnap.services.storeid import check_store_identity
 
 #: Private layers: no probing, no /dev/disk links, no auto-mount (as lvm2 does for -cow).
 HIDDEN = UDEV_FLAGS_PRIVATE_LAYER
@@ -100,12 +102,14 @@ def build_store_layers(dm, record: CheckpointRecord, *, zero_header: bool,
     names = StackNames.for_name(record.name)
     created: list[str] = []
     try:
+        check_store_identity(record, record.device)
         cow = dm.create(names.cow, uuid=dm_uuid(record.checkpoint_id, "cow"),
                         targets=cow_targets(record), udev_flags=HIDDEN)
         created.append(names.cow)
         log(f"mapped store as {names.cow} ({cow.major}:{cow.minor})")
         if zero_header:
-            zero_range(dm.node_path(names.cow), 0, record.chunk_bytes)
+            zero_range(dm.node_path(names.cow), 0, record.chunk_bytes,
+                       expect_rdev=os.makedev(cow.major, cow.minor))
             log("zeroed the store header chunk through the COW device")
         snap = dm.create(names.snap, uuid=dm_uuid(record.checkpoint_id, "snap"),
                          targets=snapshot_targets(record, f"{cow.major}:{cow.minor}"),
@@ -149,43 +153,79 @@ def switch_to_origin(dm, record: CheckpointRecord, window: Callable[[], ContextM
     runs (it reads the checkpoint-time free-space map), NAME is suspended
     without a second freeze and resumed with the new table. Resuming after the
     snapshot exists is what makes snapshot-origin split writes at chunk
-    boundaries. On failure NAME is put back to its pass-through table.
-    Returns what `at_checkpoint` returned.
+    boundaries. Nothing inside the window waits for udev (a slow udevd would
+    keep every writer frozen): the resume's udev confirmation is awaited,
+    bounded, after the thaw. Returns what `at_checkpoint` returned.
+
+    On any failure -- before, during or after the resume, the thaw included --
+    NAME is left running its pass-through table (read back from the kernel,
+    not assumed), so that the record, which still says pass-through, and the
+    kernel agree; the caller then removes -snap and -cow.
     """
     name = record.name
     dm.load(name, origin_targets(record))
-    undone = False
+    owed: list = []  # udev confirmations, awaited only once the filesystem is thawed
     try:
         with window():
             result = at_checkpoint()
             dm.suspend(name, lockfs=False)
             try:
-                dm.resume(name)
+                owed.append(dm.resume_frozen(name))
             except BaseException as e:
                 # Still frozen: the thaw writes the superblock and would wait forever
-                # on a suspended NAME, so NAME must run again (old table) before it.
-                undone = True
-                try:
-                    _restore_live_table(dm, name, suspended=True)
-                except BaseException as e2:
-                    e.add_note(f"resuming /dev/mapper/{name} on its old table failed too: {e2}; "
-                               f"run 'dmsetup resume {name}' and 'fsfreeze -u' on its mount point")
+                # on a suspended NAME, so NAME must run again before it.
+                _back_to_passthrough(dm, record, e, owed)
                 raise
-        return result
-    except BaseException:
-        if not undone:
-            _restore_live_table(dm, name, suspended=False)
+        _finish_udev(owed)
+    except BaseException as e:
+        _back_to_passthrough(dm, record, e, owed)
+        _finish_udev(owed, failure=e)
         raise
+    return result
 
 
-def _restore_live_table(dm, name: str, suspended: bool) -> None:
-    """Drop the loaded-but-unused table; resume NAME on its old one if we suspended it."""
+def _finish_udev(owed: list, failure: BaseException | None = None) -> None:
+    """Await (bounded) the udev confirmations of resumes done while frozen."""
+    while owed:
+        try:
+            owed.pop(0).finish()
+        except BaseException as e:
+            if failure is None:
+                raise
+            failure.add_note(f"checking a device node after udev failed too: {e}")
+
+
+def _back_to_passthrough(dm, record: CheckpointRecord, failure: BaseException, owed: list) -> None:
+    """After a failed switch: NAME resumed on its pass-through table, whatever state it is in.
+
+    Reads the kernel's view (inactive table, suspended, live table) instead
+    of assuming how far the switch got, so it is safe to run twice. Never
+    waits for udev (the filesystem may still be frozen): what is owed goes to
+    `owed`. A step that fails is added to `failure` as a note with what to
+    run by hand.
+    """
+    name = record.name
     try:
-        dm.clear(name)
-    except FiesnapError:
-        pass
-    if suspended:
-        dm.resume(name)
+        info = dm.info(name)
+        if info is None:
+            return
+        if info.inactive_table:
+            dm.clear(name)
+        if dm.table(name) == origin_targets(record):
+            # The resume went through: the checkpoint is live. Put the pass-through
+            # back (no lockfs: the filesystem may be frozen; every write lands on
+            # the same device either way).
+            dm.load(name, passthrough_targets(record))
+            if not info.suspended:
+                dm.suspend(name, lockfs=False)
+            owed.append(dm.resume_frozen(name))
+        elif info.suspended:
+            owed.append(dm.resume_frozen(name))
+    except BaseException as e2:
+        failure.add_note(
+            f"putting /dev/mapper/{name} back on its pass-through failed too: {e2}; check "
+            f"'dmsetup table {name}' (it must be linear), 'dmsetup resume {name}', and "
+            "'fsfreeze -u' on its mount point")
 
 
 def unwind(dm, created: list[str]) -> list[str]:
@@ -209,6 +249,10 @@ def ensure_cow(dm, record: CheckpointRecord) -> str:
     names = StackNames.for_name(record.name)
     info = dm.info(names.cow)
     if info is None:
+        # Never map a store by major:minor alone: the disk under those numbers must
+        # carry this checkpoint's identity block (any generation: a merge brings
+        # the checkpoint-time block back).
+        check_store_identity(record, record.device, any_generation=True)
         dm.create(names.cow, uuid=dm_uuid(record.checkpoint_id, "cow"),
                   targets=cow_targets(record), udev_flags=HIDDEN)
     else:

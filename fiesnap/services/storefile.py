@@ -34,7 +34,7 @@ from fiesnap.model.units import format_bytes
 from fiesnap.kernel.fiemap import file_extents
 from fiesnap.kernel.fileflags import set_immutable
 from fiesnap.model.identity import IDENTITY_BYTES
-from fiesnap.kernel.fsprobe import check_statfs
+from fiesnap.kernel.fsprobe import check_statfs, is_realtime
 from fiesnap.kernel.mounts import private_mount
 
 STORE_DIR = ".fiesnap"
@@ -216,6 +216,11 @@ def _create_in(
         raise RefusedError(f"{where} already exists: choose another name or remove the stale store first") from None
     try:
         os.fchmod(fd, STORE_FILE_MODE)
+        if is_realtime(fd):  # inherited from the folder (rtinherit): its blocks would be on the rt device
+            raise FilesystemError(
+                f"{where} is a realtime file of XFS: FIEMAP addresses would be on the realtime device, "
+                "not this one; fiesnap supports XFS without a realtime section only"
+            )
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as e:

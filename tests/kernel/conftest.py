@@ -177,8 +177,8 @@ def lab(scratch_disk, tmp_path):
         state = str(tmp_path / "state")
         mnt = str(tmp_path / "mnt")
 
-        def fiesnap(self, *args, check=True, env=None):
-            p = h.run_fiesnap(*args, state_dir=self.state, env=env)
+        def fiesnap(self, *args, check=True, env=None, kill_after_writes=None):
+            p = h.run_fiesnap(*args, state_dir=self.state, env=env, kill_after_writes=kill_after_writes)
             if check and p.returncode != 0:
                 raise AssertionError(f"fiesnap {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
             return p

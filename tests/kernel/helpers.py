@@ -274,15 +274,38 @@ def tree_digest(root: str | os.PathLike) -> dict[str, tuple[int, str | None]]:
 # --------------------------------------------------------------------------- fiesnap
 
 
+#: Runs fiesnap's CLI with every O_DIRECT write counted: the process SIGKILLs itself right
+#: after write number N (a merge writes one copy run per call), like a kill -9 mid-merge.
+KILL_AFTER_WRITES = r"""
+import os, signal, sys
+from fiesnap.kernel.directio import DirectDevice
+left = int(sys.argv[1])
+write = DirectDevice.write_from
+def write_then_die(self, *a, **kw):
+    global left
+    write(self, *a, **kw)
+    left -= 1
+    if left <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+DirectDevice.write_from = write_then_die
+from fiesnap.cli import main
+sys.argv = ["fiesnap", *sys.argv[2:]]
+main()
+"""
+
+
 def run_fiesnap(*args: object, state_dir: str | os.PathLike, check: bool = False,
                 env: Mapping[str, str] | None = None, timeout: float | None = 600,
-                input: str | None = None) -> subprocess.CompletedProcess:
+                input: str | None = None, kill_after_writes: int | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m fiesnap ARGS`` with FIESNAP_STATE_DIR=state_dir (text output captured).
 
     env: the whole environment to use (default: os.environ); FIESNAP_STATE_DIR is added.
     check: raise AssertionError (with stdout/stderr) on a non-zero exit.
+    kill_after_writes: SIGKILL the command right after its N-th O_DIRECT write.
     """
     argv = [sys.executable, "-m", "fiesnap", *[str(a) for a in args]]
+    if kill_after_writes is not None:
+        argv = [sys.executable, "-c", KILL_AFTER_WRITES, str(kill_after_writes), *[str(a) for a in args]]
     e = dict(os.environ if env is None else env)
     e["FIESNAP_STATE_DIR"] = str(state_dir)
     t0 = time.monotonic()
@@ -290,13 +313,13 @@ def run_fiesnap(*args: object, state_dir: str | os.PathLike, check: bool = False
                        stdin=None if input is not None else subprocess.DEVNULL)
     took = time.monotonic() - t0
     # Shown by pytest for failing tests ("Captured stdout call").
-    print(f"$ fiesnap {' '.join(argv[3:])}  -> {p.returncode} ({took:.1f}s)")
+    print(f"$ fiesnap {' '.join(str(a) for a in args)}  -> {p.returncode} ({took:.1f}s)")
     if p.stdout:
         print("  stdout: " + p.stdout.rstrip().replace("\n", "\n          "))
     if p.stderr:
         print("  stderr: " + p.stderr.rstrip().replace("\n", "\n          "))
     if check and p.returncode != 0:
-        raise AssertionError(f"fiesnap {' '.join(argv[3:])} -> exit {p.returncode}\n{p.stdout}{p.stderr}")
+        raise AssertionError(f"fiesnap {' '.join(str(a) for a in args)} -> exit {p.returncode}\n{p.stdout}{p.stderr}")
     return p
 
 

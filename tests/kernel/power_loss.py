@@ -52,9 +52,8 @@ def say(msg: str) -> None:
     print(f"boot {BOOT}: {msg}", flush=True)
 
 
-def fiesnap(*args: str, check: bool = True, extra_env: dict | None = None):
-    env = dict(os.environ, **(extra_env or {}))
-    p = run_fiesnap(*args, state_dir=STATE, env=env)
+def fiesnap(*args: str, check: bool = True, kill_after_writes: int | None = None):
+    p = run_fiesnap(*args, state_dir=STATE, kill_after_writes=kill_after_writes)
     if check and p.returncode != 0:
         raise AssertionError(f"fiesnap {' '.join(args)} -> {p.returncode}: {p.stderr}")
     return p
@@ -160,7 +159,7 @@ def boot2() -> int:
         umount(mnt)
         say(f"{name}: active after the power cut, {st['used_bytes']} bytes saved; mounted and written")
     verify("e4", dev["e4"])
-    p = fiesnap("merge", "xf", check=False, extra_env={"FIESNAP_TEST_KILL_AFTER_RUNS": "3"})
+    p = fiesnap("merge", "xf", check=False, kill_after_writes=3)
     assert p.returncode == -9, (p.returncode, p.stderr)
     assert sc.load_record(STATE, "xf").raw["phase"] == "merging"
     say("xf: merge killed after 3 runs; cutting the power mid-merge")

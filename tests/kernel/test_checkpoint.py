@@ -10,11 +10,25 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
+import zlib
 
 import pytest
 
 from . import scenario as sc
-from .helpers import MiB, device_digest, differing_mib, fsck_clean, read_direct, sh, tree_digest
+from .helpers import (
+    MiB,
+    dev_majmin,
+    device_digest,
+    dm_remove,
+    differing_mib,
+    fsck_clean,
+    read_direct,
+    sh,
+    tree_digest,
+    write_direct,
+)
 
 
 @pytest.mark.parametrize("kind", ["ext4-4k", "ext4-1k", "xfs"])
@@ -97,8 +111,7 @@ def test_large_write_saves_every_chunk(lab):
 def test_killed_merge_rerun_is_exact(lab):
     before, rec, image = sc.prepare(lab, "ext4-4k")
     sc.churn_through(lab)
-    env = dict(os.environ, FIESNAP_TEST_KILL_AFTER_RUNS="3")
-    p = lab.fiesnap("merge", "cp", "--keep-store", check=False, env=env)
+    p = lab.fiesnap("merge", "cp", "--keep-store", check=False, kill_after_writes=3)
     assert p.returncode == -9, (p.returncode, p.stderr)
     assert sc.load_record(lab.state, "cp").raw["phase"] == "merging"
     assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) != [], (
@@ -159,3 +172,102 @@ def test_status_table_and_json(lab):
     human = lab.fiesnap("status").stdout
     assert "cp" in human and "active" in human
     lab.fiesnap("commit", "cp")
+
+
+def test_merge_refuses_a_mount_in_another_mount_namespace(lab):
+    """A mount made in another mount namespace (a container, a service with a private /tmp)
+    is invisible in fiesnap's own mountinfo: merge must see it, refuse, and change nothing."""
+    before, rec, image = sc.prepare(lab, "ext4-4k")
+    sc.churn_through(lab)
+    other = subprocess.Popen(  # read-only: the other mount itself writes nothing
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         "mkdir -p /tmp/other-ns && mount -o ro /dev/mapper/cp /tmp/other-ns && echo mounted && exec sleep 600"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "mounted"
+        changed = device_digest(lab.disk, rec.store_ranges)
+        p = lab.fiesnap("merge", "cp", check=False)
+        assert p.returncode == 7 and "mount namespace of pid" in p.stderr, (p.returncode, p.stderr)
+        assert p.stderr.count("\n") == 1, p.stderr
+        assert sc.load_record(lab.state, "cp").raw["phase"] == "active"
+        assert lab.status("cp")["state"] == "active"
+        assert device_digest(lab.disk, rec.store_ranges) == changed, "a refused merge wrote to the device"
+    finally:
+        other.kill()
+        other.wait()
+    lab.fiesnap("merge", "cp", "--keep-store")
+    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) == []
+
+
+def test_a_resumed_merge_refuses_a_disk_with_another_checkpoints_store(lab, scratch_disks):
+    """After a reboot that renumbered disks, the record's major:minor may name another disk.
+    A resumed merge skips the filesystem UUID check (the superblock may be half restored), so
+    the store's identity block must be checked before the store is mapped and copied."""
+    (other_disk,) = scratch_disks(1)
+    _, rec, image = sc.prepare(lab, "ext4-4k")
+    sc.churn_through(lab)
+    p = lab.fiesnap("merge", "cp", "--keep-store", check=False, kill_after_writes=3)
+    assert p.returncode == -9 and sc.load_record(lab.state, "cp").raw["phase"] == "merging"
+    dm_remove("cp-cow")  # a reboot: nothing is mapped any more
+    # another disk with a checkpoint of its own, laid out the same way
+    sh("dd", f"if={lab.disk}", f"of={other_disk}", "bs=1M", "oflag=direct", "status=none")
+    path = os.path.join(lab.state, "cp.json")
+    with open(path) as f:
+        good = f.read()
+    forged = json.loads(good)
+    major, minor = (int(x) for x in dev_majmin(other_disk).split(":"))
+    forged.update(device=other_disk, device_major=major, device_minor=minor)
+    # the other disk's store identity names another checkpoint
+    ident_at = rec.raw["identity_offset"]
+    block = bytearray(read_direct(other_disk, ident_at, 4096))
+    block[16:32] = bytes(16)  # another checkpoint id; the checksum the format asks for
+    block[152:156] = struct.pack("<I", zlib.crc32(bytes(block[:152])))
+    write_direct(other_disk, ident_at, bytes(block))
+    other_before = device_digest(other_disk)
+    with open(path, "w") as f:
+        json.dump(forged, f)
+    try:
+        p = lab.fiesnap("merge", "cp", "--keep-store", check=False)
+        assert p.returncode == 7 and "is for checkpoint" in p.stderr, (p.returncode, p.stderr)
+        assert device_digest(other_disk) == other_before, "a refused merge wrote to the other disk"
+    finally:
+        with open(path, "w") as f:
+            f.write(good)
+    lab.fiesnap("merge", "cp", "--keep-store")
+    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) == []
+
+
+_SECOND_READ_REFUSED = """
+import sys
+import fiesnap.commands.merge as merge
+from fiesnap.errors import StoreFormatError
+real, calls = merge.read_table, []
+def read_table(node, record):
+    calls.append(node)
+    if len(calls) == 2:
+        raise StoreFormatError("store header changed: injected on the second read")
+    return real(node, record)
+merge.read_table = read_table
+from fiesnap.cli import main
+sys.argv = ["fiesnap", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_merge_refused_before_its_first_write_leaves_a_checkpoint_that_can_be_taken_again(lab):
+    """The exception table is read twice; if the second read is refused, nothing was copied:
+    the record must not say `merging` (which only a merge may finish), and activate brings the
+    checkpoint back."""
+    before, rec, image = sc.prepare(lab, "ext4-4k")
+    sc.churn_through(lab)
+    changed = device_digest(lab.disk, rec.store_ranges)
+    p = subprocess.run([sys.executable, "-c", _SECOND_READ_REFUSED, "merge", "cp"],
+                       capture_output=True, text=True, env=dict(os.environ, FIESNAP_STATE_DIR=lab.state))
+    assert p.returncode == 8 and "injected on the second read" in p.stderr, (p.returncode, p.stderr)
+    assert "fiesnap activate cp" in p.stderr, p.stderr
+    assert sc.load_record(lab.state, "cp").raw["phase"] == "active"
+    assert device_digest(lab.disk, rec.store_ranges) == changed
+    lab.fiesnap("activate", "cp")
+    assert lab.status("cp")["state"] == "active"
+    lab.fiesnap("merge", "cp", "--keep-store")
+    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) == []

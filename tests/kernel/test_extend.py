@@ -3,6 +3,7 @@ freed-then-reused trap (blocks live at the checkpoint, freed later, handed to th
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -116,6 +117,102 @@ def test_extend_skips_blocks_freed_since_the_checkpoint(lab):
     _o_direct_overwrite(f"{lab.mnt}/rewrite.bin", min(40 * MiB, int(out["store_bytes_after"] * 0.8) // MiB * MiB))
     st = lab.status("cp")
     assert st["state"] == "active" and st["used_bytes"] > out["store_bytes_after"] // 2, st
+    lab.umount()
+    _rollback_is_exact(lab, first, before, "ext4-4k")
+
+
+def _plug_all_free_space(mnt: str) -> None:
+    """Allocate (fallocate: no data written, no COW) every free block of an ext4 mount,
+    ext4's own reserve of free clusters included, so the next allocation can only get blocks
+    freed after this point."""
+    dev = os.stat(mnt).st_dev
+    name = os.path.basename(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    with open(f"/sys/fs/ext4/{name}/reserved_clusters", "w") as f:
+        f.write("0")
+    fd = os.open(f"{mnt}/plug", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        off, size = 0, 64 * MiB
+        while size >= 4096:
+            try:
+                os.posix_fallocate(fd, off, size)
+                off += size
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                size //= 2
+    finally:
+        os.close(fd)
+    os.sync()
+    sv = os.statvfs(mnt)
+    assert sv.f_bfree * sv.f_frsize <= MiB, f"precondition: free space left after the plug: {sv}"
+
+
+def _store_file_bytes(lab) -> int:
+    return sc.load_record(lab.state, "cp").raw["store_file_bytes"]
+
+
+def test_extend_and_monitor_back_off_when_no_new_chunk_is_safe(lab, tmp_path):
+    """Every free block the filesystem can hand the store file was in use at the checkpoint
+    (a deleted checkpoint-time file; the rest is plugged): extend maps nothing and says so
+    with exit 7; the monitor says it once at error level (exit 1 with --once) and then stops
+    allocating instead of eating the free space at every poll; the rollback stays exact, the
+    blocks the store file holds unmapped included."""
+    sc.online_setup(lab, "ext4-4k")
+    sh("tune2fs", "-m", "0", "/dev/mapper/cp")
+    _write_file(f"{lab.mnt}/victim.bin", 40 * MiB)  # live at the checkpoint, deleted after
+    _write_file(f"{lab.mnt}/rewrite.bin", 2 * MiB)
+    os.sync()
+    before = tree_digest(lab.mnt)
+    lab.fiesnap("start", "cp", "--size", "8M")
+    first = sc.load_record(lab.state, "cp")
+    _o_direct_overwrite(f"{lab.mnt}/rewrite.bin", 2 * MiB)  # ~25% of the store used
+    _plug_all_free_space(lab.mnt)
+    os.unlink(f"{lab.mnt}/victim.bin")
+    os.sync()
+    store = lab.status("cp")["store_bytes"]
+
+    p = lab.fiesnap("extend", "cp", "--by", "8M", "--json", check=False)
+    assert p.returncode == 7, (p.returncode, p.stdout, p.stderr)
+    out = json.loads(p.stdout)
+    assert (out["store_bytes_added"], out["added_chunks"], out["file_bytes_added"]) == (0, 0, 8 * MiB), out
+    assert out["store_bytes_after"] == out["store_bytes_before"] == store, out
+    assert out["skipped_live_at_checkpoint"] == 8 * MiB // 4096, out
+    assert p.stderr.count("\n") == 1 and "cannot grow safely" in p.stderr, p.stderr
+    assert "2048 were in use at the checkpoint" in p.stderr, p.stderr
+
+    mon = ["monitor", "cp", "--threshold", "10", "--step", "4M"]
+    p = lab.fiesnap(*mon, "--once", check=False)
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    errors = [ln for ln in p.stderr.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and "cannot grow safely" in errors[0], p.stderr
+    assert _store_file_bytes(lab) == out["file_bytes_after"] + 4 * MiB
+
+    logpath = tmp_path / "monitor.log"
+    with open(logpath, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fiesnap", *mon, "--interval", "1", "--verbose"],
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, FIESNAP_STATE_DIR=lab.state))
+        try:
+            deadline = time.monotonic() + 90
+            grown_once = None
+            while logpath.read_text().count("not growing: the last extension mapped nothing") < 3:
+                if grown_once is None and "cannot grow safely" in logpath.read_text():
+                    grown_once = _store_file_bytes(lab)
+                assert proc.poll() is None and time.monotonic() < deadline, logpath.read_text()
+                time.sleep(0.2)
+            file_after_polls = _store_file_bytes(lab)
+        finally:
+            proc.terminate()
+            rc = proc.wait(timeout=60)
+    mlog = logpath.read_text()
+    print(mlog)
+    assert rc == 0, mlog
+    errors = [ln for ln in mlog.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and "cannot grow safely" in errors[0], mlog
+    assert "grew the store" not in mlog, mlog
+    assert grown_once == file_after_polls == out["file_bytes_after"] + 8 * MiB, (grown_once, file_after_polls)
+    st = lab.status("cp")
+    assert st["state"] == "active" and st["store_bytes"] == store, st
     lab.umount()
     _rollback_is_exact(lab, first, before, "ext4-4k")
 

@@ -7,6 +7,10 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
@@ -258,5 +262,91 @@ def test_checkpoint_view_gets_no_by_uuid_link_under_udev(lab):
         assert "DM_UDEV_DISABLE_DISK_RULES_FLAG=1" in props and "ID_FS_UUID" not in props, props
         sh("udevadm", "trigger", "--action=change", snap, cow)
         sh("udevadm", "settle", "--timeout=30")
+    lab.fiesnap("commit", "cp")
+    lab.umount()
+
+
+@pytest.mark.udev
+def test_a_slow_udevd_does_not_stretch_the_freeze(lab):
+    """udev takes 6 s over NAME's change event (a rule that sleeps before the dm notify rule):
+    the online start must not wait for it while the filesystem is frozen."""
+    if os.environ.get("FIESNAP_LAB_UDEV") != "1":
+        pytest.skip("needs a lab guest with systemd-udevd (python -m tests.lab kernel-tests --udev)")
+    rule = "/etc/udev/rules.d/10-fiesnap-lab-slow.rules"
+    sc.online_setup(lab, "ext4-4k")
+    os.makedirs(os.path.dirname(rule), exist_ok=True)
+    with open(rule, "w") as f:
+        # runs before 95-dm-notify.rules releases the cookie; DM_NAME is not known yet this early
+        f.write('ACTION=="change", SUBSYSTEM=="block", KERNEL=="dm-*", ATTR{dm/name}=="cp", '
+                'RUN+="/bin/sleep 6"\n')
+    sh("udevadm", "control", "--reload")
+    stalls: list[float] = []
+    stop = threading.Event()
+
+    def writer() -> None:  # how long does one small synced write wait, at most?
+        with open(f"{lab.mnt}/heartbeat", "wb") as f:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                f.write(b"x" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+                stalls.append(time.monotonic() - t0)
+                time.sleep(0.05)
+
+    beat = threading.Thread(target=writer, daemon=True)
+    beat.start()
+    try:
+        lab.fiesnap("start", "cp", "--size", "32M")
+    finally:
+        stop.set()
+        beat.join(30)
+        os.unlink(rule)
+        sh("udevadm", "control", "--reload")
+    assert len(stalls) > 10 and max(stalls) < 3, f"a writer waited {max(stalls):.1f} s while udev was slow"
+    frozen = sc.load_record(lab.state, "cp").raw["notes"]["frozen_seconds"]
+    assert frozen < 3, f"the filesystem stayed frozen {frozen} s while udev was slow"
+    assert lab.status("cp")["state"] == "active"
+    sh("udevadm", "settle", "--timeout=30")
+    assert os.path.exists("/dev/mapper/cp") and os.path.realpath("/dev/mapper/cp").startswith("/dev/dm-")
+    lab.fiesnap("commit", "cp")
+    lab.umount()
+
+
+_THAW_FAILS = """
+import sys
+from contextlib import contextmanager
+import fiesnap.commands.start as start
+from fiesnap.errors import FilesystemError
+real = start.frozen
+@contextmanager
+def thaw_fails(mnt):
+    with real(mnt):
+        yield
+    raise FilesystemError("thaw failed: injected after a successful switch")
+start.frozen = thaw_fails
+from fiesnap.cli import main
+sys.argv = ["fiesnap", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_failure_after_the_switch_leaves_a_consistent_passthrough(lab):
+    """The switch to snapshot-origin went through, then the thaw failed: fiesnap removes the
+    store and keeps the record as a pass-through, so NAME must be a pass-through again too
+    (not snapshot-origin with its snapshot gone), and nothing written is lost."""
+    sc.online_setup(lab, "ext4-4k")
+    before = tree_digest(lab.mnt)
+    p = subprocess.run([sys.executable, "-c", _THAW_FAILS, "start", "cp", "--size", "32M"],
+                       capture_output=True, text=True, env=dict(os.environ, FIESNAP_STATE_DIR=lab.state))
+    assert p.returncode == 5 and "thaw failed: injected" in p.stderr, (p.returncode, p.stderr)
+    table = dm_table("cp")
+    assert " linear " in f" {table} " and "snapshot" not in table, table
+    assert _fiesnap_devices() == ["cp"]
+    assert sc.load_record(lab.state, "cp").raw["phase"] == "passthrough"
+    assert tree_digest(lab.mnt) == before
+    with open(f"{lab.mnt}/after.txt", "w") as f:  # writable: not frozen, not suspended
+        f.write("still here")
+    os.sync()
+    lab.fiesnap("start", "cp", "--size", "32M")  # a later start works
     lab.fiesnap("commit", "cp")
     lab.umount()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_host_adapters import MKFS, host, loop_image  # noqa: F401  (host: fixture)
 
-from fiesnap.commands import activate as online
+from fiesnap.commands import activate
 from fiesnap.commands import start
 from fiesnap.kernel import blockdev
 from fiesnap.kernel.blockdev import BlockDevice
@@ -36,6 +36,7 @@ from fiesnap.model.identity import IDENTITY_BYTES, encode_identity
 from fiesnap.kernel.mounts import private_mount
 from fiesnap.model.extents import Extent
 from fiesnap.model.record import CheckpointRecord
+from fiesnap.services import storeid
 from fiesnap.services.statedir import StateStore
 
 MiB = 1 << 20
@@ -97,13 +98,13 @@ class Env:
         #: what the raw identity read returns, per device (default: the record's own block)
         self.blocks: dict[str, bytes | Exception] = {}
         self.mounts: dict[tuple[int, int], list[str]] = {}
-        monkeypatch.setattr(online, "require_root", lambda: None)
-        monkeypatch.setattr(online, "find_device", self._find_device)
-        monkeypatch.setattr(online, "read_identity_block", self._read_identity)
-        monkeypatch.setattr(online, "build_stack", self._build_stack)
-        monkeypatch.setattr(online, "create_passthrough", self._create_passthrough)
+        monkeypatch.setattr(activate, "require_root", lambda: None)
+        monkeypatch.setattr(activate, "find_device", self._find_device)
+        monkeypatch.setattr(storeid, "read_identity_block", self._read_identity)
+        monkeypatch.setattr(activate, "build_stack", self._build_stack)
+        monkeypatch.setattr(activate, "create_passthrough", self._create_passthrough)
         monkeypatch.setattr(blockdev, "mounts_of", lambda ma, mi: list(self.mounts.get((ma, mi), [])))
-        monkeypatch.setattr(online.time, "sleep", lambda s: self.events.append(("sleep", s)))
+        monkeypatch.setattr(activate.time, "sleep", lambda s: self.events.append(("sleep", s)))
 
     def _find_device(self, want):
         self.events.append(("find_device", want.label))
@@ -137,10 +138,10 @@ class Env:
         self.events.append(("create_passthrough", record.name, record.device_string))
 
     def activate(self, name=None, **kw):
-        return online.activate(name, lambda: self.dm, self.state, self.logged.append, **kw)
+        return activate.activate(name, lambda: self.dm, self.state, self.logged.append, **kw)
 
     def deactivate(self, name):
-        return online.deactivate(name, lambda: self.dm, self.state, self.logged.append)
+        return activate.deactivate(name, lambda: self.dm, self.state, self.logged.append)
 
     def kinds(self):
         return [e[0] for e in self.events]
@@ -277,7 +278,7 @@ def test_activate_needs_root(env, monkeypatch):
     def not_root():
         raise NotRootError("root")
 
-    monkeypatch.setattr(online, "require_root", not_root)
+    monkeypatch.setattr(activate, "require_root", not_root)
     with pytest.raises(NotRootError):
         env.activate(None)
 

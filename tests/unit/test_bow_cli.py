@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import random
+import resource
+import stat
 import subprocess
 import sys
 
@@ -18,9 +20,9 @@ BS = 4096
 BLOCKS = 256
 
 
-def _bow(*args: object) -> subprocess.CompletedProcess:
+def _bow(*args: object, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bow_compat", *map(str, args)], capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=120)
+                          text=True, stdin=subprocess.DEVNULL, timeout=120, **kw)
 
 
 def _sha(path) -> str:
@@ -112,3 +114,109 @@ def test_replay_errors_leave_no_output(trace):
     assert p.returncode == 2 and not out.exists(), p.stderr
     p = _bow("replay", trace / "log.img")
     assert p.returncode == 2 and "--base" in p.stderr, p.stderr
+
+
+# ---- replay's OUT: refused when it is LOG, BASE, not a regular file, or exists without --force ----
+
+def _snapshot(folder) -> dict:
+    """Every entry of `folder`: its type, and its bytes, link target or device number, and mtime."""
+    snap = {}
+    for p in sorted(folder.iterdir()):
+        st = p.lstat()
+        if stat.S_ISREG(st.st_mode):
+            what = p.read_bytes()
+        elif stat.S_ISLNK(st.st_mode):
+            what = os.readlink(p)
+        elif stat.S_ISDIR(st.st_mode):
+            what = sorted(os.listdir(p))
+        else:
+            what = st.st_rdev
+        snap[p.name] = (stat.S_IFMT(st.st_mode), what, st.st_mtime_ns)
+    return snap
+
+
+def _node(path, kind: int, major: int, minor: int) -> None:
+    try:
+        os.mknod(path, kind | 0o600, os.makedev(major, minor))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+
+
+def _same_as(target):
+    def make(d):
+        os.symlink(target, d / "out.img")
+    return make
+
+
+_OUTS = {  # how OUT (typed as "out.img", in the trace folder) is made, and what the refusal says
+    "log-itself": (None, "is the log being replayed"),
+    "hard-link-of-log": (lambda d: os.link(d / "log.img", d / "out.img"), "is the log being replayed"),
+    "symlink-to-log": (_same_as("log.img"), "is the log being replayed"),
+    "base-itself": (None, "is the base image"),
+    "hard-link-of-base": (lambda d: os.link(d / "base.img", d / "out.img"), "is the base image"),
+    "symlink-to-base": (_same_as("base.img"), "is the base image"),
+    "char-device": (lambda d: _node(d / "out.img", stat.S_IFCHR, 1, 3), "is a character device"),
+    "block-device": (lambda d: _node(d / "out.img", stat.S_IFBLK, 7, 0), "is a block device"),
+    "directory": (lambda d: (d / "out.img").mkdir(), "is a directory"),
+    "fifo": (lambda d: os.mkfifo(d / "out.img"), "is a named pipe"),
+    "dangling-symlink": (_same_as("gone.img"), "is a symbolic link to gone.img"),
+}
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["", "force"])
+@pytest.mark.parametrize("case", list(_OUTS))
+def test_replay_refuses_an_out_it_must_not_write(trace, case, force):
+    """Refused even with --force: exit 2, one line naming OUT as typed, nothing changed."""
+    make, says = _OUTS[case]
+    given = {"log-itself": "log.img", "base-itself": "base.img"}.get(case, "out.img")
+    if make is not None:
+        make(trace)
+    before = _snapshot(trace)
+    p = _bow("replay", "log.img", "--base", "base.img", "--out", given, *(["--force"] * force),
+             cwd=trace)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stderr.startswith(f"bow-compat: error: {given} {says}"), p.stderr
+    assert p.stderr.count("\n") == 1 and str(trace) not in p.stderr and ".partial" not in p.stderr
+    assert "--out" in p.stderr  # says what to do: name another --out / a new file for --out
+    assert _snapshot(trace) == before
+
+
+def test_replay_refuses_an_existing_out_without_force_and_replaces_it_with(trace):
+    out = trace / "out.img"
+    out.write_bytes(b"keep me")
+    os.link(out, trace / "other-name.img")
+    before = _snapshot(trace)
+    p = _bow("replay", "log.img", "--base", "base.img", "--out", "out.img", cwd=trace)
+    assert p.returncode == 2 and p.stderr == (
+        "bow-compat: error: out.img exists: pass --force to replace it, or name another --out\n"), p.stderr
+    assert _snapshot(trace) == before
+
+    p = _bow("replay", "log.img", "--base", "base.img", "--out", "out.img", "--force", cwd=trace)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(_bow("inspect", out, "--json").stdout)["valid"]
+    assert (trace / "other-name.img").read_bytes() == b"keep me"  # a new file, not written into
+    assert {k: v for k, v in _snapshot(trace).items() if k != "out.img"} == {
+        k: v for k, v in before.items() if k != "out.img"}
+
+
+def test_replay_force_through_a_symlink_replaces_the_file_it_points_to(trace):
+    (trace / "real.img").write_bytes(b"old")
+    os.symlink("real.img", trace / "out.img")
+    p = _bow("replay", "log.img", "--base", "base.img", "--out", "out.img", "--force", cwd=trace)
+    assert p.returncode == 0, p.stderr
+    assert os.readlink(trace / "out.img") == "real.img"
+    assert json.loads(_bow("inspect", trace / "real.img", "--json").stdout)["valid"]
+    assert sorted(p.name for p in trace.iterdir()) == ["base.img", "log.img", "out.img", "real.img"]
+
+
+def _small_file_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # writes past 64 KiB fail: EFBIG
+
+
+def test_replay_write_errors_name_out_not_the_temporary(trace):
+    before = _snapshot(trace)
+    p = _bow("replay", "log.img", "--base", "base.img", "--out", "out.img", cwd=trace,
+             preexec_fn=_small_file_limit)
+    assert p.returncode == 4, p.stderr
+    assert p.stderr.startswith("bow-compat: error: out.img: File too large") and ".partial" not in p.stderr
+    assert p.stderr.count("\n") == 1 and _snapshot(trace) == before

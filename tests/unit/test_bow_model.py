@@ -1,5 +1,7 @@
 """The dm-bow state machine: sector 0, backups, the log, chaining, ENOSPC, sub-block I/O."""
 
+import errno
+import os
 import random
 
 import pytest
@@ -394,3 +396,65 @@ def test_replay_refusals_leave_no_out(tmp_path):
     with pytest.raises(BowNoSpaceError):
         replay(log, base, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.img", "log.img", "odd.img", "small.img"]
+
+
+def test_replay_does_not_replace_an_out_that_appears_while_it_runs(tmp_path):
+    """Checked at the start and again at the end, and put in place with a link that fails
+    rather than replaces: a file created at OUT meanwhile is kept, and no temporary is left."""
+    from bow_compat.replay import replay
+
+    _trace_files(tmp_path)
+    out = tmp_path / "out.img"
+
+    def someone_else_writes_out(done, total):
+        if not out.exists():
+            out.write_bytes(b"theirs")
+
+    with pytest.raises(BowUsageError, match="out.img exists: pass --force"):
+        replay(tmp_path / "log.img", tmp_path / "base.img", out, progress=someone_else_writes_out)
+    assert out.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.img", "log.img", "out.img"]
+    replay(tmp_path / "log.img", tmp_path / "base.img", out, force=True,
+           progress=someone_else_writes_out)
+    assert out.stat().st_size == 32 * 4096
+
+
+@pytest.mark.parametrize("appears", [False, True])
+def test_replay_without_hard_links_claims_out_exclusively(tmp_path, monkeypatch, appears):
+    """On a filesystem without hard links (vfat): an O_EXCL claim of OUT, then a rename onto it."""
+    from bow_compat import replay as replay_mod
+
+    _trace_files(tmp_path)
+    out = tmp_path / "out.img"
+
+    def no_links(src, dst, *a, **kw):
+        if appears:
+            out.write_bytes(b"theirs")
+        raise OSError(errno.EPERM, "Operation not permitted", src, None, dst)
+
+    monkeypatch.setattr(replay_mod.os, "link", no_links)
+    if appears:
+        with pytest.raises(BowUsageError, match="exists"):
+            replay_mod.replay(tmp_path / "log.img", tmp_path / "base.img", out)
+        assert out.read_bytes() == b"theirs"
+    else:
+        replay_mod.replay(tmp_path / "log.img", tmp_path / "base.img", out)
+        assert out.stat().st_size == 32 * 4096
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.img", "log.img", "out.img"]
+
+
+def test_replay_write_error_names_out(tmp_path, monkeypatch):
+    from bow_compat.replay import replay
+
+    _trace_files(tmp_path)
+    out = tmp_path / "out.img"
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError) as e:
+        replay(tmp_path / "log.img", tmp_path / "base.img", out)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    assert ".partial" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.img", "log.img"]

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from fiesnap.commands import activate
+from fiesnap.services import storeid
 from fiesnap.services import stack
 from fiesnap.model.cowtable import CowTable
 from fiesnap.model.dmtable import linear
@@ -42,18 +42,18 @@ def _grown(record: CheckpointRecord, more) -> CheckpointRecord:
 def test_activate_accepts_the_previous_identity_while_extend_had_not_rewritten_it(monkeypatch):
     old = _record([ChunkRun(100, 50)])
     new = _grown(old, [ChunkRun(300, 20)])
-    monkeypatch.setattr(activate, "read_identity_block", lambda dev, off: encode_identity(old.expected_identity()))
-    activate.check_store_identity(new, "/dev/vdb")  # previous identity: accepted
-    monkeypatch.setattr(activate, "read_identity_block", lambda dev, off: encode_identity(new.expected_identity()))
-    activate.check_store_identity(new, "/dev/vdb")  # rewritten identity: accepted
+    monkeypatch.setattr(storeid, "read_identity_block", lambda dev, off: encode_identity(old.expected_identity()))
+    storeid.check_store_identity(new, "/dev/vdb")  # previous identity: accepted
+    monkeypatch.setattr(storeid, "read_identity_block", lambda dev, off: encode_identity(new.expected_identity()))
+    storeid.check_store_identity(new, "/dev/vdb")  # rewritten identity: accepted
 
 
 def test_without_the_note_the_previous_identity_is_refused(monkeypatch):
     old = _record([ChunkRun(100, 50)])
     new = replace(_grown(old, [ChunkRun(300, 20)]), previous_identity=None)
-    monkeypatch.setattr(activate, "read_identity_block", lambda dev, off: encode_identity(old.expected_identity()))
+    monkeypatch.setattr(storeid, "read_identity_block", lambda dev, off: encode_identity(old.expected_identity()))
     with pytest.raises(RefusedError, match="generation|map"):
-        activate.check_store_identity(new, "/dev/vdb")
+        storeid.check_store_identity(new, "/dev/vdb")
 
 
 def _t(start, length, offset):

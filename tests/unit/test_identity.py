@@ -210,7 +210,7 @@ def test_each_mismatch_refuses(field: str, value: object, words: str) -> None:
         check_identity(found, IDENT, WHERE)
     assert not isinstance(e.value, StoreFormatError)
     assert str(e.value) == (
-        f"store identity at {WHERE} {words}: refusing to activate; the store or the record is not the one you think"
+        f"store identity at {WHERE} {words}: refusing to map the store; the store or the record is not the one you think"
     )
 
 

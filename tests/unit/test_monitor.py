@@ -17,9 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fiesnap.errors import DeviceMapperError, FilesystemError, FiesnapError, RefusedError, UsageError
+from fiesnap.errors import DeviceMapperError, FilesystemError, FiesnapError, UsageError
+from fiesnap.commands.extend import ExtendResult
 from fiesnap.commands.monitor import Monitor
-from fiesnap.model.monitor_policy import Decision, MonitorPolicy, Sample, decide, parse_step
+from fiesnap.model.extend_plan import ExtensionPlan
+from fiesnap.model.extents import ChunkRun
+from fiesnap.model.monitor_policy import (BACKOFF_FIRST_S, BACKOFF_MAX_S, Decision, MonitorPolicy, Sample,
+                                          decide, parse_step, stalled)
 
 M = 1024**2
 G = 1024**3
@@ -315,23 +319,39 @@ def test_store_grown_by_decisions_stays_within_max(p: MonitorPolicy, store: int,
 # -- Monitor with a fake world ---------------------------------------------------------------
 
 
+CHUNK = 4096
+
+
 @dataclass
 class Checkpoint:
-    store: int
+    store: int  # what the store maps (its usable size)
     used: int = 0
     rate: float = 0.0  # bytes per second of new exceptions
     state: str = "active"
+    file: int = 0  # the store file's size: the store, plus blocks left unmapped
+
+    def __post_init__(self) -> None:
+        self.file = max(self.file, self.store)
 
 
 @dataclass
 class World:
-    """Fake checkpoints, filesystem and time; writers advance with the fake clock."""
+    """Fake checkpoints, filesystem and time; writers advance with the fake clock.
+
+    `unsafe_free` bytes of the free space were freed since the checkpoint (in use then, or
+    saved chunks): the filesystem hands them out first, and extend, like the real one, grows
+    the file over them but maps only the rest, and returns that result (it does not raise).
+    `unsafe_share` of whatever else an extension gets is unsafe too (interleaved blocks).
+    """
 
     cps: dict[str, Checkpoint]
     fs_free: int = 100 * G
+    unsafe_free: int = 0
+    unsafe_share: float = 0.0
     now: float = 1000.0
     slept: list[float] = field(default_factory=list)
     extends: list[tuple[str, int]] = field(default_factory=list)
+    extend_times: list[float] = field(default_factory=list)
     logs: list[tuple[str, str]] = field(default_factory=list)
     fail_extend: set[str] = field(default_factory=set)
     fail_sample: set[str] = field(default_factory=set)
@@ -358,14 +378,26 @@ class World:
         cp = self.cps[name]
         return Sample(name, cp.state, cp.store, cp.used)
 
-    def extend(self, name: str, nbytes: int) -> None:
+    def extend(self, name: str, nbytes: int) -> ExtendResult:
         if name in self.fail_extend:
-            raise RefusedError(f"{name}: unsafe chunks only")
+            raise DeviceMapperError(f"{name}-cow: reload failed")
         if nbytes > self.fs_free:
             raise FilesystemError("no space left")
+        cp = self.cps[name]
+        unsafe = min(nbytes, self.unsafe_free)
+        unsafe += int((nbytes - unsafe) * self.unsafe_share) // CHUNK * CHUNK
+        mapped = nbytes - unsafe
         self.extends.append((name, nbytes))
-        self.cps[name].store += nbytes
+        self.extend_times.append(self.now)
+        result = ExtendResult(
+            name, cp.file, cp.file + nbytes, cp.store, cp.store + mapped,
+            ExtensionPlan((ChunkRun(0, mapped // CHUNK),) if mapped else (), mapped // CHUNK,
+                          live_at_checkpoint=unsafe // CHUNK, excepted=0, already_mapped=0),
+            CHUNK)
+        cp.file, cp.store = result.file_bytes_after, result.store_bytes_after
         self.fs_free -= nbytes
+        self.unsafe_free -= min(unsafe, self.unsafe_free)
+        return result
 
     def fs_room(self, name: str) -> int:
         self.room_calls += 1
@@ -418,7 +450,7 @@ def test_extend_failure_is_logged_and_others_still_served() -> None:
               fail_extend={"a"})
     assert w.monitor().run(once=True) == 1
     assert w.extends == [("b", 8 * M)]
-    assert w.at("error") == ["a: growing the store by 8.0 MiB failed: a: unsafe chunks only"]
+    assert w.at("error") == ["a: growing the store by 8.0 MiB failed: a-cow: reload failed"]
 
 
 def test_sample_failure_is_logged_and_others_still_served() -> None:
@@ -539,6 +571,146 @@ def test_samples_are_stamped_with_the_monitor_clock() -> None:
     w = World({"data": Checkpoint(store=100 * M, used=10 * M, rate=15 * M)})
     w.monitor(MonitorPolicy(step_bytes=M)).run(max_rounds=2)
     assert w.extends == [("data", 15 * M * 3 * 2)]
+
+
+# -- extensions that map nothing: one loud error, back-off, recovery -------------------------
+
+
+def test_fake_extend_returns_zero_growth_like_the_real_one() -> None:
+    w = World({"data": Checkpoint(store=8 * M)}, unsafe_free=G)
+    r = w.extend("data", 8 * M)  # no exception: a result whose store did not grow
+    assert (r.mapped_bytes, r.file_grown_bytes, r.plan.added_chunks, r.unsafe_chunks) == (0, 8 * M, 0, 2048)
+    d = r.to_dict()
+    assert (d["store_bytes_before"], d["store_bytes_after"], d["store_bytes_added"]) == (8 * M, 8 * M, 0)
+    assert (d["file_bytes_before"], d["file_bytes_after"], d["file_bytes_added"]) == (8 * M, 16 * M, 8 * M)
+    assert (d["added_chunks"], d["skipped_chunks"], d["skipped_live_at_checkpoint"],
+            d["skipped_with_exception"]) == (0, 2048, 2048, 0)
+    msg = r.nothing_mapped()
+    assert "cannot grow safely" in msg and "2048 were in use at the checkpoint, 0 hold saved chunks" in msg
+    assert "\n" not in msg
+
+
+def test_nothing_mapped_is_one_loud_error_and_exit_1() -> None:
+    w = World({"data": Checkpoint(store=8 * M, used=5 * M)}, unsafe_free=G)
+    assert w.monitor(MonitorPolicy(step_bytes=64 * M)).run(once=True) == 1
+    assert w.extends == [("data", 64 * M)]
+    (err,) = w.at("error")
+    assert err.startswith("data: the store of 'data' cannot grow safely: none of the 16384 new chunks")
+    assert "16384 were in use at the checkpoint, 0 hold saved chunks" in err
+    assert "the file grew by 64.0 MiB" in err and "the store stays 8.0 MiB" in err
+    assert "not growing it again for 30 s" in err and "commit or merge" in err
+    assert not any("grew the store" in m for m in w.at("info"))
+
+
+def test_nothing_mapped_allocates_no_more_on_the_next_polls() -> None:
+    w = World({"data": Checkpoint(store=8 * M, used=5 * M, rate=M // 64)}, unsafe_free=G)
+    free = w.fs_free
+    assert w.monitor(MonitorPolicy(interval_s=2.0)).run(max_rounds=14) == 1  # 26 s < the back-off
+    assert w.extends == [("data", 8 * M)]  # once, not at every poll
+    assert w.fs_free == free - 8 * M
+    assert len(w.at("error")) == 1
+    waiting = [m for m in w.at("debug") if "not growing: the last extension mapped nothing" in m]
+    assert len(waiting) == 13 and "next try in 28 s, or once free space grows by 8.0 MiB" in waiting[0]
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    w = World({"data": Checkpoint(store=8 * M, used=5 * M)}, unsafe_free=100 * G)
+    w.monitor(MonitorPolicy(interval_s=2.0)).run(max_rounds=500)  # 998 s
+    gaps = [b - a for a, b in zip(w.extend_times, w.extend_times[1:])]
+    assert gaps == [30.0, 60.0, 120.0, 240.0, 480.0]
+    assert len(w.at("error")) == 1  # loud once; the retries are info lines
+    again = [m for m in w.at("info") if "mapped nothing again" in m]
+    assert len(again) == 5
+    assert again[0].startswith("data: retry (back-off of 30 s over) mapped nothing again, 2 extensions in a row "
+                               "(2048 were in use at the checkpoint, 0 hold saved chunks); next try in 60 s")
+    waits = []
+    st = None
+    for _ in range(12):
+        st = stalled(MonitorPolicy(), 0.0, 0, M, 8 * M, previous=st)
+        waits.append(st.wait_s)
+    assert waits[:4] == [BACKOFF_FIRST_S, 60.0, 120.0, 240.0] and waits[-1] == BACKOFF_MAX_S
+    assert stalled(MonitorPolicy(interval_s=3600.0), 0.0, 0, M, 8 * M).wait_s == 3600.0  # >= one poll
+
+
+def test_free_space_growing_notably_allows_an_early_retry() -> None:
+    w = World({"data": Checkpoint(store=8 * M, used=5 * M)}, unsafe_free=8 * M)
+    m = w.monitor(MonitorPolicy(interval_s=2.0))
+    assert m.run(max_rounds=3) == 1 and len(w.extends) == 1
+    w.fs_free += 4 * M  # less than the failed attempt took: not notable
+    assert m.run(max_rounds=2) == 1 and len(w.extends) == 1
+    w.fs_free += 4 * M  # now 8 MiB more than after the attempt (say, an unwritten file deleted)
+    assert m.run(once=True) == 0
+    assert len(w.extends) == 2 and w.now - w.extend_times[0] < BACKOFF_FIRST_S
+    assert any("grows safely again (free space grew by 8.0 MiB)" in x for x in w.at("info"))
+
+
+def test_a_later_extension_that_maps_chunks_ends_the_stall() -> None:
+    # the first 8 MiB the filesystem hands out are unsafe, then safe blocks again
+    w = World({"data": Checkpoint(store=8 * M, used=5 * M, rate=M // 32)}, unsafe_free=8 * M)
+    status = w.monitor(MonitorPolicy(interval_s=2.0)).run(max_rounds=20)
+    assert status == 0  # the last round is healthy again
+    assert w.extends == [("data", 8 * M), ("data", 8 * M)]
+    assert w.extend_times[1] - w.extend_times[0] == BACKOFF_FIRST_S
+    cp = w.cps["data"]
+    assert (cp.store, cp.file, cp.state) == (16 * M, 24 * M, "active")
+    assert len(w.at("error")) == 1
+    info = w.at("info")
+    assert "data: the store grows safely again (back-off of 30 s over): 8.0 MiB mapped" in info
+    assert any(x.startswith("data: grew the store by 8.0 MiB (") for x in info)
+    # growth works normally afterwards: no back-off left over
+    cp.used = 12 * M
+    assert w.monitor(MonitorPolicy(interval_s=2.0)).run(once=True) == 0 and len(w.extends) == 3
+
+
+def test_partial_mapping_is_one_warning_and_counts_mapped_bytes() -> None:
+    w = World({"data": Checkpoint(store=8 * M, used=7 * M)}, unsafe_share=0.5)
+    m = w.monitor(MonitorPolicy(step_bytes=4 * M, interval_s=2.0))
+    assert m.run(max_rounds=5) == 0  # half of each extension maps: 8 -> 10 -> 12 -> 14 -> 16 MiB
+    assert w.extends == [("data", 4 * M)] * 4 and w.cps["data"].store == 16 * M
+    info = [x for x in w.at("info") if "grew the store by" in x]
+    assert [x.split(" (")[0] for x in info] == ["data: grew the store by 2.0 MiB"] * 4  # mapped, not 4 MiB
+    short = [x for x in w.at("warning") if "only" in x]
+    assert short == ["data: the store grew by 2.0 MiB only, the file by 4.0 MiB: 512 new chunks were unsafe "
+                     "to map (512 were in use at the checkpoint, 0 hold saved chunks) and stay allocated but "
+                     "unmapped"]  # once, not at each of the four
+    assert w.at("error") == []
+    w.unsafe_share, w.cps["data"].used = 0.0, 9 * M  # a full extension ends the episode ...
+    assert m.run(once=True) == 0 and w.cps["data"].store == 20 * M
+    w.unsafe_share, w.cps["data"].used = 0.5, 15 * M  # ... so the next short one is said again
+    assert m.run(once=True) == 0
+    assert len([x for x in w.at("warning") if "only" in x]) == 2
+
+
+def test_a_new_checkpoint_under_the_same_name_is_not_held_back() -> None:
+    w = World({"data": Checkpoint(store=8 * M, used=5 * M)}, unsafe_free=8 * M)
+    m = w.monitor(MonitorPolicy(interval_s=2.0))
+    assert m.run(max_rounds=2) == 1 and len(w.extends) == 1
+    w.cps["data"] = Checkpoint(store=4 * M, used=3 * M)  # committed and started again
+    assert m.run(once=True) == 0 and len(w.extends) == 2
+
+
+def test_cli_extend_that_maps_nothing_prints_json_and_exits_7(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import fiesnap.cli
+
+    w = World({"data": Checkpoint(store=8 * M)}, unsafe_free=G)
+    monkeypatch.setattr(fiesnap.cli.extend_cmd, "extend", lambda name, *a, by=None, to=None: w.extend(name, by))
+    for args, shown in ((["--json"], True), ([], False)):
+        monkeypatch.setattr(sys, "argv", ["fiesnap", "extend", "data", "--by", "16M", *args])
+        with pytest.raises(SystemExit) as e:
+            fiesnap.cli.main()
+        assert e.value.code == 7
+        out, errout = capsys.readouterr()
+        if shown:
+            d = json.loads(out)
+            assert (d["store_bytes_added"], d["file_bytes_added"], d["added_chunks"]) == (0, 16 * M, 0)
+            assert d["store_bytes_before"] == d["store_bytes_after"] == 8 * M
+        else:
+            assert out == ""
+        assert errout.count("\n") == 1 and errout.startswith("fiesnap: error: the store of 'data' cannot grow safely")
+        assert errout.rstrip().endswith("commit or merge before it fills")
 
 
 # -- signals ---------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 stack.switch_to_origin turns the live pass-through NAME into snapshot-origin
 inside a window (the filesystem frozen). The order is the whole point: load
 the new table before the window, suspend without a second freeze and resume
-inside it. Every failure must put NAME back on its old table and never leave
-the window open. The real kernel runs this in tests/kernel.
+inside it, and wait for udev only after the thaw. Every failure -- also one
+after the resume went through, the thaw included -- must leave NAME running
+its pass-through table (what the record still says) and never leave the
+window open. The real kernel runs this in tests/kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from fiesnap.services import stack
+from fiesnap.model.identity import encode_identity
+from fiesnap.services import stack, storeid
 from fiesnap.model.cowtable import CowTable
 from fiesnap.kernel.dm import DmInfo
 from fiesnap.model.dmtable import DmTarget
@@ -31,9 +34,22 @@ def _record(*, managed: bool = True) -> CheckpointRecord:
         name="cp", checkpoint_id="c" * 32, device="/dev/vdb", device_major=254, device_minor=16,
         device_bytes=64 * MiB, fstype="ext4", fs_uuid="u", chunk_bytes=4096, store_type="PO",
         store_relpath=".fiesnap/s", store_file_bytes=51 * 4096, store_extents=(Extent(0, 409600, 208896, 0),),
-        cow_table=cow, free_map=(), created="now", phase="starting",
+        cow_table=cow, free_map=(), created="now", identity_offset=405504, phase="starting",
         managed=managed, setup_id="5" * 32 if managed else "", mode="online",
     )
+
+
+@pytest.fixture(autouse=True)
+def store_identity(monkeypatch):
+    """The store's identity block, as the raw device would hold it for _record()."""
+    reads = []
+
+    def read(device, offset):
+        reads.append((device, offset))
+        return encode_identity(_record().expected_identity())
+
+    monkeypatch.setattr(storeid, "read_identity_block", read)
+    return reads
 
 
 class Injected(DeviceMapperError):
@@ -49,8 +65,20 @@ class FakeDM:
         self.fail_restore = fail_restore
         self.suspended: set[str] = set()
         self.inactive: dict[str, list[DmTarget]] = {}
-        self.live: dict[str, list[DmTarget]] = {}
+        # NAME is a live pass-through when an online start begins
+        self.live: dict[str, list[DmTarget]] = {"cp": stack.passthrough_targets(_record())}
         self.resumes = 0
+        self.finishes = 0
+
+    def info(self, name):
+        if name not in self.live:
+            return None
+        return DmInfo(exists=True, suspended=name in self.suspended, live_table=True,
+                      inactive_table=name in self.inactive, open_count=1, event_nr=0, major=253,
+                      minor=7, read_only=False, target_count=1)
+
+    def table(self, name):
+        return list(self.live.get(name, []))
 
     def _maybe_fail(self, what: str) -> None:
         if self.fail == what:
@@ -70,7 +98,8 @@ class FakeDM:
         self._maybe_fail("suspend")
         self.suspended.add(name)
 
-    def resume(self, name, *, udev_flags=0):
+    def resume_frozen(self, name, *, udev_flags=0):
+        """Like DeviceMapper.resume_frozen: no udev wait; the caller finishes it."""
         self.events.append(("resume", name))
         self.resumes += 1
         if self.fail == "resume" and (self.resumes == 1 or self.fail_restore):
@@ -78,9 +107,24 @@ class FakeDM:
         if name in self.inactive:
             self.live[name] = self.inactive.pop(name)
         self.suspended.discard(name)
+        if self.fail == "resume_after" and self.resumes == 1:
+            raise Injected("device-mapper resume: the kernel resumed, then the library failed: injected")
+        return _Pending(self, name)
 
 
-def _window(events: list, dm: FakeDM, fail_enter: bool = False):
+class _Pending:
+    def __init__(self, dm: FakeDM, name: str) -> None:
+        self.dm, self.name = dm, name
+
+    def finish(self):
+        self.dm.events.append(("udev", self.name))
+        self.dm.finishes += 1
+        if self.dm.fail == "udev" and self.dm.finishes == 1:
+            raise Injected("node check after udev failed: injected")
+        return True
+
+
+def _window(events: list, dm: FakeDM, fail_enter: bool = False, fail_thaw: bool = False):
     """A fake freeze window; records whether NAME was suspended when it closed."""
 
     @contextmanager
@@ -92,13 +136,15 @@ def _window(events: list, dm: FakeDM, fail_enter: bool = False):
             yield
         finally:
             events.append(("exit", "suspended" if dm.suspended else "running"))
+            if fail_thaw:
+                raise FilesystemError("cannot thaw: injected")
 
     return window
 
 
 def _switch(fail: str | None = None, **kw):
     events: list = []
-    dm = FakeDM(events, fail if fail != "enter" and fail != "at_checkpoint" else None, **kw)
+    dm = FakeDM(events, fail if fail not in ("enter", "at_checkpoint", "thaw") else None, **kw)
     record = _record()
 
     def at_checkpoint():
@@ -107,7 +153,7 @@ def _switch(fail: str | None = None, **kw):
             raise FilesystemError("free-space map failed: injected")
         return [(0, 4096)]
 
-    window = _window(events, dm, fail_enter=fail == "enter")
+    window = _window(events, dm, fail_enter=fail == "enter", fail_thaw=fail == "thaw")
     return events, dm, record, lambda: stack.switch_to_origin(dm, record, window, at_checkpoint)
 
 
@@ -123,7 +169,7 @@ def _kinds(events: list) -> list[str]:
 def test_switch_order_load_then_window_suspend_resume():
     events, dm, record, run = _switch()
     assert run() == [(0, 4096)]  # what at_checkpoint returned
-    assert _kinds(events) == ["load", "enter", "at_checkpoint", "suspend", "resume", "exit"]
+    assert _kinds(events) == ["load", "enter", "at_checkpoint", "suspend", "resume", "exit", "udev"]
     load = events[0]
     assert load[1] == "cp"
     assert list(load[2]) == stack.origin_targets(record)
@@ -132,6 +178,7 @@ def test_switch_order_load_then_window_suspend_resume():
     assert events[3] == ("suspend", "cp", False)  # no second freeze: the window froze it
     assert events[4] == ("resume", "cp")
     assert events[5] == ("exit", "running")
+    assert events[6] == ("udev", "cp")  # udev is awaited only after the thaw
     assert dm.live["cp"] == stack.origin_targets(record) and not dm.inactive
     assert "clear" not in _kinds(events)
 
@@ -140,7 +187,7 @@ def test_switch_default_at_checkpoint_returns_none():
     events: list = []
     dm = FakeDM(events)
     assert stack.switch_to_origin(dm, _record(), _window(events, dm)) is None
-    assert _kinds(events) == ["load", "enter", "suspend", "resume", "exit"]
+    assert _kinds(events) == ["load", "enter", "suspend", "resume", "exit", "udev"]
 
 
 def test_switch_load_failure_never_enters_the_window():
@@ -149,7 +196,7 @@ def test_switch_load_failure_never_enters_the_window():
     with pytest.raises(Injected, match="load failed"):
         run()
     assert _kinds(events) == ["load"]
-    assert not dm.suspended and "cp" not in dm.live
+    assert not dm.suspended and dm.live["cp"] == stack.passthrough_targets(_record())
 
 
 @pytest.mark.parametrize("fail,before,after,error", [
@@ -158,7 +205,7 @@ def test_switch_load_failure_never_enters_the_window():
     ("enter", ["load", "enter"], ["clear"], FilesystemError),
     ("at_checkpoint", ["load", "enter", "at_checkpoint"], ["exit", "clear"], FilesystemError),
     ("suspend", ["load", "enter", "at_checkpoint", "suspend"], ["exit", "clear"], Injected),
-    ("resume", ["load", "enter", "at_checkpoint", "suspend", "resume"], ["exit", "clear", "resume"], Injected),
+    ("resume", ["load", "enter", "at_checkpoint", "suspend", "resume"], ["exit", "clear", "resume", "udev"], Injected),
 ])
 def test_switch_failure_restores_the_live_table(fail, before, after, error):
     events, dm, _, run = _switch(fail)
@@ -176,7 +223,7 @@ def test_switch_failure_restores_the_live_table(fail, before, after, error):
     else:  # never suspended: nothing to resume
         assert "resume" not in kinds
     assert not dm.suspended  # NAME runs again, on its old (pass-through) table
-    assert "cp" not in dm.live  # the snapshot-origin table never went live
+    assert dm.live["cp"] == stack.passthrough_targets(_record())  # snapshot-origin never went live
     # a window that was entered is exited, exactly once
     assert kinds.count("exit") == (0 if fail == "enter" else 1)
 
@@ -200,6 +247,47 @@ def test_switch_resume_failure_resumes_before_the_thaw():
     with pytest.raises(Injected):
         run()
     assert ("exit", "running") in events
+
+
+def test_no_udev_wait_inside_the_window():
+    """A slow udevd must not keep the filesystem frozen: the wait comes after the thaw."""
+    events, dm, _, run = _switch()
+    run()
+    kinds = _kinds(events)
+    assert kinds.index("resume") < kinds.index("exit") < kinds.index("udev")
+
+
+def test_a_failed_thaw_after_the_resume_puts_the_passthrough_back():
+    """The switch went through, then the thaw failed: the caller removes -snap and -cow and
+    keeps the record as a pass-through, so NAME must not stay snapshot-origin."""
+    events, dm, record, run = _switch("thaw")
+    with pytest.raises(FilesystemError, match="cannot thaw"):
+        run()
+    assert dm.live["cp"] == stack.passthrough_targets(record)
+    assert not dm.suspended and not dm.inactive
+    kinds = _kinds(events)
+    back = kinds.index("exit") + 1
+    assert kinds[back:] == ["load", "suspend", "resume", "udev", "udev"]
+    assert events[back] == ("load", "cp", tuple(stack.passthrough_targets(record)))
+    assert events[back + 1] == ("suspend", "cp", False)  # no lockfs: maybe still frozen
+
+
+def test_a_resume_that_went_through_and_then_failed_is_undone_before_the_thaw():
+    events, dm, record, run = _switch("resume_after")
+    with pytest.raises(Injected, match="the kernel resumed"):
+        run()
+    kinds = _kinds(events)
+    assert dm.live["cp"] == stack.passthrough_targets(record) and not dm.suspended
+    assert events[kinds.index("exit")] == ("exit", "running")
+    assert kinds.index("load", 1) < kinds.index("exit")  # the pass-through is back inside the window
+    assert "udev" not in kinds[:kinds.index("exit")]
+
+
+def test_a_failed_node_check_after_the_switch_puts_the_passthrough_back():
+    events, dm, record, run = _switch("udev")
+    with pytest.raises(Injected, match="node check"):
+        run()
+    assert dm.live["cp"] == stack.passthrough_targets(record) and not dm.suspended
 
 
 # --------------------------------------------------------------------------
@@ -237,7 +325,7 @@ class LayerDM:
 @pytest.fixture
 def zeroing(monkeypatch):
     events: list = []
-    monkeypatch.setattr(stack, "zero_range", lambda path, off, n: events.append(("zero", path, off, n)))
+    monkeypatch.setattr(stack, "zero_range", lambda path, off, n, **kw: events.append(("zero", path, off, n)))
     return events
 
 
@@ -278,7 +366,7 @@ def test_store_layers_unwind(zeroing, fail_on, removed):
 def test_store_layers_zero_failure_unwinds_and_wraps(monkeypatch):
     events: list = []
 
-    def broken(path, off, n):
+    def broken(path, off, n, **kw):
         events.append(("zero", path))
         raise OSError(5, "read back was not zero")
 

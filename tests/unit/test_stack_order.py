@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fiesnap.services import stack
+from fiesnap.model.identity import encode_identity
+from fiesnap.services import stack, storeid
 from fiesnap.model.cowtable import CowTable
 from fiesnap.kernel.dm import DmInfo
 from fiesnap.errors import DeviceMapperError
@@ -16,11 +17,24 @@ from fiesnap.model.record import CheckpointRecord
 def _record() -> CheckpointRecord:
     cow = CowTable.from_runs([ChunkRun(100, 50)], 4096)
     return CheckpointRecord(
-        name="cp", checkpoint_id="abc", device="/dev/vdb", device_major=254, device_minor=16,
+        name="cp", checkpoint_id="abc" * 8 + "d" * 8, device="/dev/vdb", device_major=254, device_minor=16,
         device_bytes=64 << 20, fstype="ext4", fs_uuid="u", chunk_bytes=4096, store_type="PO",
         store_relpath=".fiesnap/s", store_file_bytes=50 * 4096, store_extents=(Extent(0, 409600, 204800, 0),),
-        cow_table=cow, free_map=(), created="now",
+        cow_table=cow, free_map=(), created="now", identity_offset=405504,
     )
+
+
+@pytest.fixture(autouse=True)
+def store_identity(monkeypatch):
+    """The store's identity block, as the raw device would hold it for _record()."""
+    reads = []
+
+    def read(device, offset):
+        reads.append((device, offset))
+        return encode_identity(_record().expected_identity())
+
+    monkeypatch.setattr(storeid, "read_identity_block", read)
+    return reads
 
 
 class FakeDM:
@@ -49,7 +63,7 @@ class FakeDM:
 @pytest.fixture
 def zeroed(monkeypatch):
     calls = []
-    monkeypatch.setattr(stack, "zero_range", lambda path, off, n: calls.append((path, off, n)))
+    monkeypatch.setattr(stack, "zero_range", lambda path, off, n, **kw: calls.append((path, off, n)))
     return calls
 
 
@@ -83,7 +97,7 @@ def test_failure_unwinds_newest_first(zeroed, fail_on, removed):
 
 
 def test_zeroing_failure_unwinds_and_says_so(monkeypatch):
-    def broken(path, off, n):
+    def broken(path, off, n, **kw):
         raise OSError("read back was not zero")
 
     monkeypatch.setattr(stack, "zero_range", broken)
