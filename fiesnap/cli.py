@@ -203,15 +203,24 @@ def activate(
 
 @app.command()
 def deactivate(
-    name: str = typer.Argument(..., help="Recorded name to take down."),
+    name: Optional[str] = typer.Argument(None, help="Recorded name to take down."),
+    all_: bool = typer.Option(False, "--all", help="Every recorded name (what the boot unit runs at shutdown)."),
     as_json: bool = typer.Option(False, "--json", help="Print the removed devices as JSON on stdout."),
 ) -> None:
-    """Take NAME's devices down without ending anything ('fiesnap activate NAME' brings them back)."""
+    """Take devices down without ending anything ('fiesnap activate NAME' brings them back).
+
+    A checkpoint taken down is sealed: activate and merge then notice a device written
+    without the stack in between (mounted directly, say), and merge refuses.
+    """
+    if bool(name) == all_:
+        raise UsageError("give exactly one of NAME or --all")
     removed = activate_cmd.deactivate(name, _dm_factory, StateStore(), _log)
     if as_json:
-        _emit_json({"name": name, "removed": removed})
+        _emit_json({"name": name, "removed": removed[name]} if name else
+                   {"deactivated": [{"name": n, "removed": r} for n, r in removed.items()]})
     else:
-        out.print(f"{name}: removed {', '.join(removed) or 'nothing (not active)'}", markup=False)
+        for n, r in removed.items():
+            out.print(f"{n}: removed {', '.join(r) or 'nothing (not active)'}", markup=False)
 
 
 @app.command()
@@ -253,6 +262,13 @@ def status(
             ", ".join(r["mounted_on"]) or "-",
         )
     out.print(table)
+    for r in rows:
+        if r["bypass"]:
+            out.print(f"{r['name']}: cannot be rolled back: {r['bypass']}", markup=False)
+        if r["suspended"]:
+            out.print(f"{r['name']}: {', '.join(r['suspended'])} suspended, holding every write: "
+                      f"an interrupted command left it so; any fiesnap command on {r['name']} "
+                      "(or the monitor) resumes it", markup=False)
 
 
 @app.command()

@@ -61,3 +61,7 @@ class DeviceMapperError(FiesnapError):
 
 class StateError(FiesnapError):
     exit_code = 10
+
+
+class StateBusyError(StateError):
+    """Another fiesnap command holds the state folder's lock."""

@@ -16,7 +16,14 @@ from fiesnap.commands.guards import Log, require_root
 from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, RefusedError
 from fiesnap.kernel.locate import Wanted, find_device
 from fiesnap.model.record import CheckpointRecord
-from fiesnap.services.stack import StackNames, build_stack, create_passthrough, refuse_in_use
+from fiesnap.services.stack import (
+    StackNames,
+    build_stack,
+    create_passthrough,
+    refuse_in_use,
+    resume_leftovers,
+)
+from fiesnap.services.deviceseal import built_now, current_stamp, find_bypass
 from fiesnap.services.storeid import check_store_identity
 from fiesnap.services.statedir import StateStore
 
@@ -26,9 +33,11 @@ class ActivateResult:
     name: str
     result: str  # "activated", "already active", "failed"
     detail: str = ""
+    #: writes that bypassed the origin while the stack was down ("" if none seen).
+    bypass: str = ""
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "result": self.result, "detail": self.detail}
+        return {"name": self.name, "result": self.result, "detail": self.detail, "bypass": self.bypass}
 
 
 def _locate(record: CheckpointRecord, state: StateStore) -> CheckpointRecord:
@@ -50,6 +59,8 @@ def _activate_one(dm, record: CheckpointRecord, state: StateStore, log: Log) -> 
             f"checkpoint {name!r} was interrupted while {record.phase}: run 'fiesnap commit {name}' to finish"
         )
     present = [n for n in names.all() if dm.info(n) is not None]
+    if present:
+        resume_leftovers(dm, record, log)
     if record.phase == "passthrough":
         if names.origin in present:
             return ActivateResult(name, "already active")
@@ -65,8 +76,17 @@ def _activate_one(dm, record: CheckpointRecord, state: StateStore, log: Log) -> 
         )
     record = _locate(record, state)
     check_store_identity(record, record.device)
+    why = "" if record.bypass else find_bypass(record)
+    if why:
+        record = record.bypassed(why)
+        state.save(record)  # before the stack: the finding must outlive a failed build
     build_stack(dm, record, zero_header=False, log=log)
+    state.save(built_now(record))
     log(f"activated checkpoint {name!r} over its existing store")
+    if why:
+        log(f"warning: {why}; a rollback would no longer be exact, so 'fiesnap merge {name}' "
+            f"will refuse; 'fiesnap commit {name}' keeps the current data")
+        return ActivateResult(name, "activated", "checkpoint", bypass=why)
     return ActivateResult(name, "activated", "checkpoint")
 
 
@@ -104,27 +124,55 @@ def activate(name: str | None, dm_factory, state: StateStore, log: Log, *,
         return results
 
 
-def deactivate(name: str, dm_factory, state: StateStore, log: Log) -> list[str]:
-    """Take NAME's devices down, ending nothing: activate brings them back."""
+def deactivate(name: str | None, dm_factory, state: StateStore, log: Log) -> dict[str, list[str]]:
+    """Take devices down, ending nothing: activate brings them back. Returns name -> removed.
+
+    A checkpoint whose stack this call took down is sealed (model/seal.py): its
+    superblock as the origin left it, so that activate and merge can tell
+    whether the device was written without the stack in between. With --all
+    (NAME None, what the boot unit runs at shutdown) one failure does not stop
+    the others."""
     require_root()
     with state.locked():
-        record = state.load(name)
+        records = [state.load(name)] if name else state.load_all()
         dm = dm_factory()
-        names = StackNames.for_name(name)
-        refuse_in_use(dm.info(names.origin), name)
-        snap = dm.info(names.snap)
-        if snap is not None and snap.open_count:
-            raise DeviceError(f"{names.snap} is open by another program: close it first")
-        removed = []
-        for n in names.all():  # origin first: once it is gone nothing writes the device
-            if dm.info(n) is not None:
-                try:
-                    dm.remove(n)
-                except DeviceMapperError as e:
-                    raise DeviceMapperError(
-                        f"{e}; removed so far: {', '.join(removed) or 'nothing'}; "
-                        f"'fiesnap activate {name}' rebuilds them"
-                    ) from e
-                removed.append(n)
-        log(f"deactivated {name!r} ({record.phase}); 'fiesnap activate {name}' brings it back")
+        removed: dict[str, list[str]] = {}
+        errors: list[FiesnapError] = []
+        for record in records:
+            try:
+                removed[record.name] = _deactivate_one(dm, record, state, log)
+            except FiesnapError as e:
+                if name:
+                    raise
+                log(f"error: {e}")
+                errors.append(e)
+        if errors:
+            raise type(errors[0])(
+                f"{len(errors)} of {len(records)} could not be deactivated; first: {errors[0]}")
         return removed
+
+
+def _deactivate_one(dm, record: CheckpointRecord, state: StateStore, log: Log) -> list[str]:
+    name = record.name
+    names = StackNames.for_name(name)
+    resume_leftovers(dm, record, log)  # a suspended device is neither removable nor sealable
+    refuse_in_use(dm.info(names.origin), name)
+    snap = dm.info(names.snap)
+    if snap is not None and snap.open_count:
+        raise DeviceError(f"{names.snap} is open by another program: close it first")
+    removed = []
+    for n in names.all():  # origin first: once it is gone nothing writes the device
+        if dm.info(n) is not None:
+            try:
+                dm.remove(n)
+            except DeviceMapperError as e:
+                raise DeviceMapperError(
+                    f"{e}; removed so far: {', '.join(removed) or 'nothing'}; "
+                    f"'fiesnap activate {name}' rebuilds them"
+                ) from e
+            removed.append(n)
+    if record.phase == "active" and names.origin in removed and set(removed) == set(names.all()):
+        # Only a stack this call took down proves nothing bypassed it until now.
+        state.save(record.sealed(current_stamp(record)))
+    log(f"deactivated {name!r} ({record.phase}); 'fiesnap activate {name}' brings it back")
+    return removed

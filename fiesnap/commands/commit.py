@@ -18,6 +18,7 @@ from fiesnap.services.stack import (
     passthrough_targets,
     reload_as_passthrough,
     remove_if_present,
+    resume_leftovers,
 )
 from fiesnap.services.statedir import StateStore
 
@@ -29,6 +30,7 @@ def commit(name: str, dm_factory, state: StateStore, log: Log) -> str:
         record = state.load(name)
         dm = dm_factory()
         names = StackNames.for_name(name)
+        resume_leftovers(dm, record, log)
         if record.phase in ("merging", "copied"):
             raise RefusedError(
                 f"a rollback of {name!r} is under way: run 'fiesnap merge {name}' to finish it"

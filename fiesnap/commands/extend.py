@@ -38,7 +38,7 @@ from fiesnap.model.record import CheckpointRecord
 from fiesnap.model.units import format_bytes
 from fiesnap.services import storefile
 from fiesnap.services.cowio import read_table
-from fiesnap.services.stack import StackNames, cow_targets, snapshot_usage
+from fiesnap.services.stack import StackNames, cow_targets, resume_leftovers, snapshot_usage
 from fiesnap.services.statedir import StateStore
 
 
@@ -126,6 +126,7 @@ def extend(name: str, dm_factory, state: StateStore, log: Log, *,
         missing = [n for n in names.all() if dm.info(n) is None]
         if missing:
             raise RefusedError(f"{', '.join(missing)} not active: run 'fiesnap activate {name}' first")
+        resume_leftovers(dm, record, log)
         usage = snapshot_usage(dm, record)
         if usage.state != "active":
             raise RefusedError(

@@ -19,6 +19,7 @@ from fiesnap.kernel import blockdev
 from fiesnap.kernel.directio import probe_exclusive
 from fiesnap.model.record import CheckpointRecord
 from fiesnap.services import storefile
+from fiesnap.services.deviceseal import find_bypass
 from fiesnap.services.cowio import MergeResult, copy_back, make_plan, read_table
 from fiesnap.services.stack import (
     StackNames,
@@ -26,6 +27,7 @@ from fiesnap.services.stack import (
     ensure_cow,
     mount_source,
     remove_if_present,
+    resume_leftovers,
     snapshot_usage,
 )
 from fiesnap.services.statedir import StateStore
@@ -39,6 +41,7 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
         record = state.load(name)
         dm = dm_factory()
         names = StackNames.for_name(name)
+        resume_leftovers(dm, record, log)
         if record.phase == "starting":
             raise RefusedError(
                 f"checkpoint {name!r} never finished starting: nothing to roll back; "
@@ -60,6 +63,7 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
             )
         result = None
         if record.phase == "active":
+            record = _refuse_bypassed(dm, record, names, state)
             _precheck(dm, record, names)
             for n in (names.origin, names.snap):
                 info = dm.info(n)
@@ -99,6 +103,24 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
         if record.phase == "copied":
             _finish(dm, record, state, log, keep_store=keep_store)
         return result
+
+
+def _refuse_bypassed(dm, record: CheckpointRecord, names: StackNames, state: StateStore) -> CheckpointRecord:
+    """Refuse when writes reached the device without the origin (model/seal.py).
+
+    Found by activate earlier, or now when the stack is down: with it up, the
+    device is held exclusively and nothing can bypass it."""
+    why = record.bypass
+    if not why and dm.info(names.origin) is None:
+        why = find_bypass(record)
+        if why:
+            state.save(record.bypassed(why))
+    if why:
+        raise RefusedError(
+            f"checkpoint {record.name!r} cannot be rolled back exactly: {why}; those writes have no "
+            "saved old data, so a rollback would build a filesystem that never existed; "
+            f"'fiesnap commit {record.name}' keeps the current data (fsck it)")
+    return record
 
 
 def _prove(dm, record: CheckpointRecord, names: StackNames):

@@ -33,9 +33,10 @@ from dataclasses import dataclass, replace
 from fiesnap.commands.extend import ExtendResult, extend, fs_room
 from fiesnap.commands.guards import require_root
 from fiesnap.commands.status import status_of
-from fiesnap.errors import FiesnapError
+from fiesnap.errors import FiesnapError, StateBusyError
 from fiesnap.model.monitor_policy import BAD_STATES, MonitorPolicy, Sample, Stall, decide, stalled
 from fiesnap.model.units import MAX_SIZE, format_bytes
+from fiesnap.services.stack import resume_leftovers, suspended_devices
 from fiesnap.services.statedir import StateStore
 
 # Longest single sleep, so SIGTERM/SIGINT stop the loop promptly.
@@ -242,6 +243,8 @@ def run_monitor(name: str | None, policy: MonitorPolicy, dm_factory, state: Stat
         return [r.name for r in state.load_all() if r.phase == "active"]
 
     def sample(n: str) -> Sample:
+        if suspended_devices(dm, state.load(n)):
+            heal(n)
         st = status_of(dm, state.load(n))
         u = st.usage
         return Sample(n, st.state, u.total_bytes if u and u.total_bytes else 0, u.used_bytes if u else 0)
@@ -249,6 +252,14 @@ def run_monitor(name: str | None, policy: MonitorPolicy, dm_factory, state: Stat
     def log(level: str, msg: str) -> None:
         if level != "debug" or verbose:
             say(f"fiesnap monitor: {level}: {msg}")
+
+    def heal(n: str) -> None:
+        """A device left suspended by a killed command holds every write: resume it."""
+        try:
+            with state.locked():
+                resume_leftovers(dm, state.load(n), lambda m: log("warning", m))
+        except StateBusyError:
+            pass  # another command holds the lock: the suspend is its own, and brief
 
     def grow(n: str, nbytes: int) -> ExtendResult:
         return extend(n, lambda: dm, state, lambda m: log("info", m), by=nbytes)

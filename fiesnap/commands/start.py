@@ -45,6 +45,7 @@ from fiesnap.model.identity import encode_identity, map_checksum, StoreIdentity
 from fiesnap.model.record import CheckpointRecord, store_map, validate_name
 from fiesnap.model.units import format_bytes
 from fiesnap.services import storefile
+from fiesnap.services.deviceseal import built_now
 from fiesnap.services.stack import (
     StackNames,
     build_stack,
@@ -210,7 +211,7 @@ def _start_offline(req: StartRequest, dm_factory, state: StateStore, log: Log) -
                                  chunk_bytes=req.chunk_bytes, mode="offline", free=free)
             state.save(record)
             build_stack(dm, record, zero_header=True, log=log)
-            record = record.with_phase("active")
+            record = built_now(record.with_phase("active"))
             state.save(record)
         except BaseException:
             storefile.discard_store(req.target, fs.fstype, created.relpath)
@@ -320,7 +321,7 @@ def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log)
         unwind(dm, made)
         raise
     try:
-        active = record.with_free_map(free, frozen_seconds=round(frozen_s, 3)).with_phase("active")
+        active = built_now(record.with_free_map(free, frozen_seconds=round(frozen_s, 3)).with_phase("active"))
         state.save(active)
     except BaseException:
         reload_as_passthrough(dm, record)

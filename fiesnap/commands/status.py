@@ -8,7 +8,7 @@ from fiesnap.commands.guards import require_root
 from fiesnap.kernel import blockdev
 from fiesnap.model.record import CheckpointRecord
 from fiesnap.model.snapstatus import SnapshotUsage
-from fiesnap.services.stack import StackNames, snapshot_usage
+from fiesnap.services.stack import StackNames, snapshot_usage, suspended_devices
 from fiesnap.services.statedir import StateStore
 
 
@@ -18,6 +18,8 @@ class CheckpointStatus:
     state: str
     usage: SnapshotUsage | None
     mounted_on: tuple[str, ...]
+    #: devices of the stack left suspended (by a killed command): writes wait on them.
+    suspended: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         r = self.record
@@ -44,6 +46,8 @@ class CheckpointStatus:
             "start_time": r.created or None,
             "mounted_on": list(self.mounted_on),
             "checkpoint_id": r.checkpoint_id or None,
+            "bypass": r.bypass or None,
+            "suspended": list(self.suspended),
         }
 
 
@@ -70,4 +74,4 @@ def status_of(dm, r: CheckpointRecord) -> CheckpointStatus:
         st = usage.state
     origin = dm.info(names.origin)
     mounted = tuple(blockdev.mounts_of(origin.major, origin.minor)) if origin else ()
-    return CheckpointStatus(r, st, usage, mounted)
+    return CheckpointStatus(r, st, usage, mounted, tuple(suspended_devices(dm, r)))

@@ -123,7 +123,7 @@ def probe_superblock(head: bytes, path: str) -> FsInfo:
 def probe_device(path: str) -> FsInfo:
     """Identify the filesystem on the block device (or image file) at `path`."""
     try:
-        head = _read_head_direct(path)
+        head = read_head(path)
     except OSError:
         # Not O_DIRECT-capable (an image file on tmpfs, say): a buffered read will do.
         try:
@@ -139,7 +139,7 @@ def probe_device(path: str) -> FsInfo:
     return probe_superblock(head, path)
 
 
-def _read_head_direct(path: str) -> bytes:
+def read_head(path: str) -> bytes:
     """The first 2 KiB, read around the page cache: dm devices stacked on the
     device write beneath it, so cached pages of the raw device can be stale."""
     with AlignedBuffer(4096) as buf, DirectDevice.open(path, write=False) as dev:

@@ -160,9 +160,14 @@ def _fmt_pct(p: float) -> str:
     return f"{p:g}%"
 
 
+#: polls closer than this measure no rate (a division by a hair would be infinite).
+MIN_RATE_INTERVAL_S = 1e-3
+
+
 def _rate(prev: Sample | None, cur: Sample) -> float:
     """Bytes per second written into the store since prev (0 when unknown)."""
-    if prev is None or prev.name != cur.name or prev.state != ACTIVE or cur.time <= prev.time:
+    if (prev is None or prev.name != cur.name or prev.state != ACTIVE
+            or cur.time - prev.time < MIN_RATE_INTERVAL_S):
         return 0.0
     return max(0.0, (cur.used_bytes - prev.used_bytes) / (cur.time - prev.time))
 

@@ -25,6 +25,7 @@ from fiesnap.errors import FilesystemError, StateError, UsageError
 from fiesnap.model.cowtable import CowTable
 from fiesnap.model.extents import Extent, head_location, whole_chunks, without_head
 from fiesnap.model.identity import IDENTITY_BYTES, StoreIdentity, map_checksum
+from fiesnap.model.seal import SuperblockStamp
 from fiesnap.model.units import is_int
 
 RECORD_VERSION = 1
@@ -37,6 +38,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _RESERVED_SUFFIXES = ("-snap", "-cow", "-real")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_BOOT_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 #: A checkpoint's life. An interrupted merge or commit leaves its phase behind
 #: so that a re-run knows where to resume.
@@ -138,6 +140,13 @@ class CheckpointRecord:
     mode: str = "offline"
     #: how long an online start kept the filesystem frozen.
     frozen_seconds: float | None = None
+    #: the raw device's superblock as `deactivate` left it (model/seal.py).
+    seal: SuperblockStamp | None = None
+    #: the boot (kernel boot id) and time (epoch seconds) the stack was last built in.
+    built_boot: str = ""
+    built_at: int = 0
+    #: why a rollback can no longer be exact (writes that bypassed the origin); "" if none seen.
+    bypass: str = ""
 
     # -- queries -----------------------------------------------------------
 
@@ -211,7 +220,7 @@ class CheckpointRecord:
             store_relpath=store_relpath, store_file_bytes=store_file_bytes, store_extents=extents,
             cow_table=cow, free_map=tuple((s, n) for s, n in free_map), created=created,
             identity_offset=identity_offset, generation=1, previous_identity=None, mode=mode,
-            frozen_seconds=None)
+            frozen_seconds=None, seal=None, built_boot="", built_at=0, bypass="")
 
     def with_free_map(self, free_map: Iterable[tuple[int, int]], *,
                       frozen_seconds: float | None = None) -> CheckpointRecord:
@@ -236,6 +245,19 @@ class CheckpointRecord:
     def identity_rewritten(self) -> CheckpointRecord:
         return replace(self, previous_identity=None)
 
+    def built(self, boot_id: str, at: int) -> CheckpointRecord:
+        """The stack is up (start, activate): the device is reachable only through it, so
+        a seal taken before means nothing now."""
+        return replace(self, seal=None, built_boot=boot_id, built_at=at)
+
+    def sealed(self, stamp: SuperblockStamp) -> CheckpointRecord:
+        """The stack went down (deactivate): the superblock as the origin left it."""
+        return replace(self, seal=stamp)
+
+    def bypassed(self, why: str) -> CheckpointRecord:
+        """Writes reached the device without exceptions: merge must refuse from now on."""
+        return replace(self, bypass=why)
+
     # -- persistence -------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,6 +267,12 @@ class CheckpointRecord:
                                           "map_sha256": self.previous_identity.map_sha256}
         if self.frozen_seconds is not None:
             notes["frozen_seconds"] = self.frozen_seconds
+        if self.seal is not None:
+            notes["seal"] = self.seal.to_dict()
+        if self.built_boot:
+            notes["built"] = {"boot_id": self.built_boot, "at": self.built_at}
+        if self.bypass:
+            notes["bypass"] = self.bypass
         return {
             "version": RECORD_VERSION,
             "name": self.name, "device": self.device, "device_major": self.device_major,
@@ -365,6 +393,22 @@ class _Parser:
             if not isinstance(f, (int, float)) or isinstance(f, bool) or f < 0:
                 raise self.bad("notes", f"has an invalid frozen_seconds {f!r}")
             frozen = float(f)
+        seal = None
+        if "seal" in notes:
+            try:
+                seal = SuperblockStamp.from_dict(notes["seal"])
+            except ValueError as e:
+                raise self.bad("notes", f"has a seal that {e}") from None
+        built_boot, built_at = "", 0
+        if "built" in notes:
+            b = notes["built"]
+            if not (isinstance(b, Mapping) and isinstance(b.get("boot_id"), str)
+                    and _BOOT_ID.match(b["boot_id"]) and is_int(b.get("at")) and b["at"] >= 0):
+                raise self.bad("notes", f"has an invalid 'built' {b!r}")
+            built_boot, built_at = b["boot_id"], b["at"]
+        bypass = notes.get("bypass", "")
+        if not isinstance(bypass, str):
+            raise self.bad("notes", "has a 'bypass' that is not a string")
         return CheckpointRecord(
             name=name, device=device,
             device_major=self.int_("device_major"), device_minor=self.int_("device_minor"),
@@ -384,5 +428,5 @@ class _Parser:
             generation=self.int_("generation", 1, lo=1),
             previous_identity=previous,
             mode=self.str_("mode", "offline", choices=MODES),
-            frozen_seconds=frozen,
+            frozen_seconds=frozen, seal=seal, built_boot=built_boot, built_at=built_at, bypass=bypass,
         )

@@ -270,6 +270,49 @@ def ensure_cow(dm, record: CheckpointRecord) -> str:
     return dm.node_path(names.cow)
 
 
+def suspended_devices(dm, record: CheckpointRecord) -> list[str]:
+    """NAME's devices that are suspended now (a write to them waits until a resume)."""
+    names = StackNames.for_name(record.name)
+    out = []
+    for n in (names.cow, names.snap, names.origin):
+        info = dm.info(n)
+        if info is not None and info.suspended:
+            out.append(n)
+    return out
+
+
+def resume_leftovers(dm, record: CheckpointRecord, log: Callable[[str], object]) -> list[str]:
+    """Resume NAME's devices that a killed fiesnap command left suspended. Call under the lock.
+
+    Every fiesnap table change runs under the state folder's lock and resumes
+    before it returns, so a device found suspended by a command holding the
+    lock was left so by one that died in between (SIGKILL in extend's reload
+    of -cow, or in commit's switch to the pass-through). Left alone it holds
+    every write to the filesystem, forever. Nothing unknown is swapped in: an
+    inactive table is dropped; a -cow whose live table is shorter than the
+    recorded map (the dead extend had recorded it) gets the recorded map, as
+    `ensure_cow` would. Resuming also thaws a filesystem frozen by a lockfs
+    suspend (the kernel releases its own freeze).
+    """
+    names = StackNames.for_name(record.name)
+    resumed = []
+    for n in suspended_devices(dm, record):  # the store first, then its users
+        info = dm.info(n)
+        if info is None:
+            continue
+        if info.inactive_table:
+            dm.clear(n)
+        if n == names.cow and record.has_checkpoint:
+            live, recorded = dm.table(n), cow_targets(record)
+            if live != recorded and _grows_into(live, recorded):
+                dm.load(n, recorded)
+        dm.resume(n)
+        resumed.append(n)
+        log(f"resumed /dev/mapper/{n}: an interrupted fiesnap command had left it suspended, "
+            "holding every write")
+    return resumed
+
+
 def _grows_into(live: list[DmTarget], recorded: list[DmTarget]) -> bool:
     """True if `recorded` is `live` with chunks appended (the last live segment may have grown)."""
     if not live or len(live) > len(recorded) or live[:-1] != recorded[:len(live) - 1]:

@@ -36,7 +36,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fiesnap.errors import CheckpointNameError, StateError
+from fiesnap.errors import CheckpointNameError, StateBusyError, StateError
 from fiesnap.model.record import CheckpointRecord
 
 DEFAULT_STATE_DIR = "/var/lib/fiesnap"
@@ -214,7 +214,7 @@ class StateStore:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StateError(
+                raise StateBusyError(
                     f"another fiesnap command holds {where}: wait for it to finish"
                 ) from None
             yield

@@ -13,6 +13,9 @@ After every test (autouse): anything left suspended/frozen is resumed/thawed, mo
 during the test are unmounted, dm devices made during the test (or named with the prefix,
 or stacked on the test's disks) are removed with --force, new loop devices are detached.
 A disk that cannot be cleaned is taken out of the pool and the test errors in teardown.
+A test still running after HANG_REPORT_SECONDS gets a report on the guest console (blocked
+tasks via sysrq-w, the dm devices, their tables and status, the processes): a hang in the
+kernel leaves evidence before the lab's timeout kills the guest.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import json
 import os
 import subprocess
 import platform
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,44 @@ from . import helpers as h
 HERE = Path(__file__).resolve().parent
 NOT_IN_LAB = ("real-kernel test: runs only inside the VM lab guest "
               "(`python -m tests.lab kernel-tests`, or `make test`)")
+
+
+#: a test running longer than this is reported as possibly hung (it goes on running).
+HANG_REPORT_SECONDS = 900
+
+
+def _hang_report(nodeid: str) -> None:
+    out = [f"\n=== {nodeid} still running after {HANG_REPORT_SECONDS} s: a hang report ==="]
+    for cmd in (["dmsetup", "info", "-c"], ["dmsetup", "table"], ["dmsetup", "status"],
+                ["ps", "axo", "stat,pid,wchan:32,args"], ["cat", "/proc/mounts"]):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            out.append(f"$ {' '.join(cmd)}\n{p.stdout}{p.stderr}")
+        except (OSError, subprocess.SubprocessError) as e:
+            out.append(f"$ {' '.join(cmd)}: {e}")
+    sys.__stderr__.write("\n".join(out) + "\n")
+    sys.__stderr__.flush()
+    try:  # blocked (D state) tasks with their kernel stacks, into dmesg and the console
+        with open("/proc/sys/kernel/sysrq", "w") as f:
+            f.write("1")
+        with open("/proc/sysrq-trigger", "w") as f:
+            f.write("w")
+    except OSError:
+        pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if not (h.in_lab() and _ours(item)):
+        yield
+        return
+    watch = threading.Timer(HANG_REPORT_SECONDS, _hang_report, args=(item.nodeid,))
+    watch.daemon = True
+    watch.start()
+    try:
+        yield
+    finally:
+        watch.cancel()
 
 
 def _ours(item: pytest.Item) -> bool:
@@ -177,8 +220,9 @@ def lab(scratch_disk, tmp_path):
         state = str(tmp_path / "state")
         mnt = str(tmp_path / "mnt")
 
-        def fiesnap(self, *args, check=True, env=None, kill_after_writes=None):
-            p = h.run_fiesnap(*args, state_dir=self.state, env=env, kill_after_writes=kill_after_writes)
+        def fiesnap(self, *args, check=True, env=None, kill_after_writes=None, kill_after=None):
+            p = h.run_fiesnap(*args, state_dir=self.state, env=env, kill_after_writes=kill_after_writes,
+                              kill_after=kill_after)
             if check and p.returncode != 0:
                 raise AssertionError(f"fiesnap {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
             return p

@@ -274,38 +274,49 @@ def tree_digest(root: str | os.PathLike) -> dict[str, tuple[int, str | None]]:
 # --------------------------------------------------------------------------- fiesnap
 
 
-#: Runs fiesnap's CLI with every O_DIRECT write counted: the process SIGKILLs itself right
-#: after write number N (a merge writes one copy run per call), like a kill -9 mid-merge.
-KILL_AFTER_WRITES = r"""
-import os, signal, sys
-from fiesnap.kernel.directio import DirectDevice
-left = int(sys.argv[1])
-write = DirectDevice.write_from
-def write_then_die(self, *a, **kw):
+#: Runs fiesnap's CLI with one method counted: the process SIGKILLs itself right after call
+#: number N returns, like a kill -9 at that point. argv: MODULE CLASS METHOD N fiesnap-args...
+KILL_AFTER_CALL = r"""
+import importlib, os, signal, sys
+module, cls, method, left = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+owner = getattr(importlib.import_module(module), cls)
+real = getattr(owner, method)
+def call_then_die(*a, **kw):
     global left
-    write(self, *a, **kw)
+    out = real(*a, **kw)
     left -= 1
     if left <= 0:
         os.kill(os.getpid(), signal.SIGKILL)
-DirectDevice.write_from = write_then_die
+    return out
+setattr(owner, method, call_then_die)
 from fiesnap.cli import main
-sys.argv = ["fiesnap", *sys.argv[2:]]
+sys.argv = ["fiesnap", *sys.argv[5:]]
 main()
 """
+
+#: kill_after targets: every O_DIRECT write (a merge writes one copy run per call); every
+#: device-mapper suspend (the window before the matching resume).
+AFTER_WRITES = ("fiesnap.kernel.directio", "DirectDevice", "write_from")
+AFTER_SUSPENDS = ("fiesnap.kernel.dm", "DeviceMapper", "suspend")
 
 
 def run_fiesnap(*args: object, state_dir: str | os.PathLike, check: bool = False,
                 env: Mapping[str, str] | None = None, timeout: float | None = 600,
-                input: str | None = None, kill_after_writes: int | None = None) -> subprocess.CompletedProcess:
+                input: str | None = None, kill_after_writes: int | None = None,
+                kill_after: tuple[tuple[str, str, str], int] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m fiesnap ARGS`` with FIESNAP_STATE_DIR=state_dir (text output captured).
 
     env: the whole environment to use (default: os.environ); FIESNAP_STATE_DIR is added.
     check: raise AssertionError (with stdout/stderr) on a non-zero exit.
     kill_after_writes: SIGKILL the command right after its N-th O_DIRECT write.
+    kill_after: ((module, class, method), N): SIGKILL it right after the N-th call of that method.
     """
     argv = [sys.executable, "-m", "fiesnap", *[str(a) for a in args]]
     if kill_after_writes is not None:
-        argv = [sys.executable, "-c", KILL_AFTER_WRITES, str(kill_after_writes), *[str(a) for a in args]]
+        kill_after = (AFTER_WRITES, kill_after_writes)
+    if kill_after is not None:
+        (module, cls, method), n = kill_after
+        argv = [sys.executable, "-c", KILL_AFTER_CALL, module, cls, method, str(n), *[str(a) for a in args]]
     e = dict(os.environ if env is None else env)
     e["FIESNAP_STATE_DIR"] = str(state_dir)
     t0 = time.monotonic()

@@ -3,13 +3,17 @@
 - the state folder is trusted only after its path has been checked (merge, commit and
   status refuse a folder someone else could write, changing nothing);
 - a scratch mount never shows up in another mount namespace, even with /run shared;
-- XFS with a realtime section is refused, and so is a store file with the realtime flag.
+- XFS with a realtime section is refused, and so is a store file with the realtime flag;
+- writes that reached the device while the stack was down (the raw device mounted directly)
+  are noticed by activate or merge, and merge then refuses: commit keeps the current data.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -20,9 +24,9 @@ from fiesnap.kernel.blockdev import mounts_of
 from fiesnap.services import storefile
 
 from . import scenario as sc
-from .helpers import MiB, make_fs, sh
+from .helpers import MiB, dm_names, dm_remove, make_fs, sh
 from .mount_views import MountViews, mount_points
-from .test_bad_input import FILESYSTEM, refused
+from .test_bad_input import FILESYSTEM, REFUSED, refused, world
 
 STATE = 10
 NOBODY = 65534
@@ -123,3 +127,80 @@ def test_a_store_file_with_the_realtime_flag_is_refused(lab, rt_xfs):
         assert not os.path.exists(os.path.join(lab.mnt, storefile.STORE_DIR))
     finally:
         lab.umount()
+
+
+# --------------------------------------------------------------------------- writes around the origin
+
+
+def _mount_raw_and_write(lab, name: str) -> None:
+    """What a bypass looks like: the raw device mounted directly, one file written."""
+    lab.mount(lab.disk)
+    with open(os.path.join(lab.mnt, name), "wb") as f:
+        f.write(os.urandom(256 * 1024))
+    lab.umount()
+
+
+@pytest.mark.parametrize("kind", ["ext4-4k", "xfs"])
+def test_a_direct_mount_after_deactivate_is_found_by_activate_and_merge_refuses(lab, kind):
+    sc.prepare(lab, kind)
+    sc.churn_through(lab)
+    lab.fiesnap("deactivate", "cp")  # seals: the superblock as the origin left it
+    _mount_raw_and_write(lab, "bypassed")
+    out = json.loads(lab.fiesnap("activate", "cp", "--json").stdout)["activated"][0]
+    assert out["result"] == "activated"  # the machine still boots; the checkpoint is marked
+    assert out["bypass"].startswith(f"{lab.disk} was written outside /dev/mapper/cp after 'fiesnap deactivate': ")
+    if kind == "ext4-4k":
+        assert "mounted read-write 1 time(s)" in out["bypass"]
+    line = refused(lab, ["merge", "cp"], REFUSED, "cannot be rolled back exactly")
+    assert "'fiesnap commit cp' keeps the current data" in line
+    lab.fiesnap("commit", "cp")
+    lab.mount(lab.disk, ro=True)
+    assert os.path.exists(os.path.join(lab.mnt, "bypassed"))
+    lab.umount()
+
+
+def test_merge_finds_a_direct_mount_itself_and_keeps_the_finding(lab):
+    """No activate in between: merge, with the stack down, reads the seal itself."""
+    sc.prepare(lab, "ext4-4k")
+    lab.fiesnap("deactivate", "cp")
+    _mount_raw_and_write(lab, "bypassed")
+    names, _, image = world(lab)
+    p = lab.fiesnap("merge", "cp", check=False)
+    assert p.returncode == REFUSED and "cannot be rolled back exactly" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    after_names, _, after_image = world(lab)
+    assert (after_names, after_image) == (names, image), "a refused merge changed the devices"
+    rec = sc.load_record(lab.state, "cp")
+    assert "mounted read-write 1 time(s)" in rec.raw["notes"]["bypass"]  # kept for later commands
+    lab.fiesnap("commit", "cp")
+    assert dm_names() == []
+
+
+def test_a_direct_mount_in_a_new_boot_before_activate_is_found(lab):
+    """The stack went down without deactivate (a reboot): no seal. The record says which boot
+    built the stack; an ext4 mounted read-write since this boot began, before activate, is a
+    bypass. A reboot is stood in for by the boot the record names."""
+    sc.prepare(lab, "ext4-4k")
+    for n in ("cp", "cp-snap", "cp-cow"):  # what a power-off does: no deactivate, no seal
+        dm_remove(n)
+    path = os.path.join(lab.state, "cp.json")
+    with open(path) as f:
+        raw = json.load(f)
+    built = raw["notes"]["built"]
+    assert built["boot_id"] == open("/proc/sys/kernel/random/boot_id").read().strip()
+    raw["notes"]["built"] = {"boot_id": str(uuid.uuid4()), "at": built["at"] - 3600}
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    # The last mount (populating it, before the start) as if it were in that earlier boot.
+    sh("debugfs", "-w", "-R", "ssv mtime 20000101000000", lab.disk)
+    out = json.loads(lab.fiesnap("activate", "cp", "--json").stdout)["activated"][0]
+    assert out["bypass"] == ""  # not mounted since this boot began: nothing to see
+    lab.fiesnap("deactivate", "cp")
+    os.unlink(os.path.join(lab.state, "cp.json"))  # back to the reboot case: no seal
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    _mount_raw_and_write(lab, "bypassed")
+    out = json.loads(lab.fiesnap("activate", "cp", "--json").stdout)["activated"][0]
+    assert out["bypass"].startswith(f"{lab.disk} was mounted read-write directly during this boot")
+    refused(lab, ["merge", "cp"], REFUSED, "cannot be rolled back exactly")
+    lab.fiesnap("commit", "cp")

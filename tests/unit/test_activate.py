@@ -36,10 +36,25 @@ from fiesnap.model.identity import IDENTITY_BYTES, encode_identity
 from fiesnap.kernel.mounts import private_mount
 from fiesnap.model.extents import Extent
 from fiesnap.model.record import CheckpointRecord
-from fiesnap.services import storeid
+from fiesnap.model.seal import stamp_of
+from fiesnap.services import deviceseal, storeid
 from fiesnap.services.statedir import StateStore
 
 MiB = 1 << 20
+BOOT = "0a1b2c3d-0000-4000-8000-00000000000b"
+OLD_BOOT = "0a1b2c3d-0000-4000-8000-00000000000a"
+
+
+def _ext4_head(mounts: int = 3, mount_time: int = 1_000, kbytes: int = 50) -> bytes:
+    """The first 2 KiB of a device holding ext4, with the fields a seal explains."""
+    head = bytearray(2048)
+    sb = 1024
+    head[sb + 0x38:sb + 0x3A] = (0xEF53).to_bytes(2, "little")
+    head[sb + 0x2C:sb + 0x30] = mount_time.to_bytes(4, "little")
+    head[sb + 0x30:sb + 0x34] = (mount_time + 5).to_bytes(4, "little")
+    head[sb + 0x34:sb + 0x36] = mounts.to_bytes(2, "little")
+    head[sb + 0x178:sb + 0x180] = kbytes.to_bytes(8, "little")
+    return bytes(head)
 SETUP_ID = "5" * 32
 CKPT_ID = "c" * 32
 
@@ -98,6 +113,10 @@ class Env:
         #: what the raw identity read returns, per device (default: the record's own block)
         self.blocks: dict[str, bytes | Exception] = {}
         self.mounts: dict[tuple[int, int], list[str]] = {}
+        #: the raw device head, per device (default: an ext4 last mounted at time 1000)
+        self.heads: dict[str, bytes] = {}
+        self.boot = (BOOT, 2_000)  # this boot's id and start time
+        self.clock = 3_000.0
         monkeypatch.setattr(activate, "require_root", lambda: None)
         monkeypatch.setattr(activate, "find_device", self._find_device)
         monkeypatch.setattr(storeid, "read_identity_block", self._read_identity)
@@ -105,6 +124,14 @@ class Env:
         monkeypatch.setattr(activate, "create_passthrough", self._create_passthrough)
         monkeypatch.setattr(blockdev, "mounts_of", lambda ma, mi: list(self.mounts.get((ma, mi), [])))
         monkeypatch.setattr(activate.time, "sleep", lambda s: self.events.append(("sleep", s)))
+        monkeypatch.setattr(deviceseal, "read_head", self._read_head)
+        monkeypatch.setattr(deviceseal.boot, "boot_id", lambda: self.boot[0])
+        monkeypatch.setattr(deviceseal.boot, "boot_time", lambda: self.boot[1])
+        monkeypatch.setattr(deviceseal.time, "time", lambda: self.clock)
+
+    def _read_head(self, device):
+        self.events.append(("read_head", device))
+        return self.heads.get(device, _ext4_head())
 
     def _find_device(self, want):
         self.events.append(("find_device", want.label))
@@ -141,7 +168,7 @@ class Env:
         return activate.activate(name, lambda: self.dm, self.state, self.logged.append, **kw)
 
     def deactivate(self, name):
-        return activate.deactivate(name, lambda: self.dm, self.state, self.logged.append)
+        return activate.deactivate(name, lambda: self.dm, self.state, self.logged.append)[name]
 
     def kinds(self):
         return [e[0] for e in self.events]
@@ -162,7 +189,7 @@ def test_activate_passthrough_creates_the_passthrough(env):
     (res,) = env.activate("cp")
     assert (res.name, res.result, res.detail) == ("cp", "activated", "passthrough")
     assert env.events == [("find_device", "cp"), ("create_passthrough", "cp", "254:16")]
-    assert res.to_dict() == {"name": "cp", "result": "activated", "detail": "passthrough"}
+    assert res.to_dict() == {"name": "cp", "result": "activated", "detail": "passthrough", "bypass": ""}
 
 
 def test_activate_passthrough_already_active(env):
@@ -335,20 +362,38 @@ def _up(env, record):
     env.dm.present.update({"cp": _info(0), "cp-snap": _info(1), "cp-cow": _info(2)})
 
 
-def test_deactivate_removes_origin_then_snap_then_cow(env):
+def test_deactivate_removes_origin_then_snap_then_cow_and_seals(env):
     _up(env, _active())
     assert env.deactivate("cp") == ["cp", "cp-snap", "cp-cow"]
-    assert env.events == [("remove", "cp"), ("remove", "cp-snap"), ("remove", "cp-cow")]
+    assert env.events == [("remove", "cp"), ("remove", "cp-snap"), ("remove", "cp-cow"),
+                          ("read_head", "/dev/vdcp")]  # read once nothing holds the device
     assert env.dm.present == {}
-    assert env.state.load("cp") == _active()  # ends nothing
+    # Ends nothing; the superblock as the origin left it is kept.
+    assert env.state.load("cp") == replace(_active(), seal=stamp_of(_ext4_head(), "ext4"))
 
 
 def test_deactivate_only_what_is_there(env):
     env.state.save(_active())
     env.dm.present["cp-cow"] = _info(2)
     assert env.deactivate("cp") == ["cp-cow"]
+    # No origin was taken down: the device may have been written without it already
+    # (mounted directly after a reboot), so sealing now would hide that.
+    assert env.state.load("cp").seal is None and "read_head" not in env.kinds()
     env.state.save(_passthrough())
     assert env.deactivate("cp") == []
+
+
+def test_deactivate_all_seals_each_and_goes_on_past_a_failure(env):
+    env.state.save(_active("a", minor=1))
+    env.state.save(_active("b", minor=2))
+    env.state.save(_passthrough("c", minor=3))
+    env.dm.present.update({"a": _info(0), "a-snap": _info(1), "a-cow": _info(2),
+                           "b": _info(3, open_count=1), "b-snap": _info(4), "b-cow": _info(5),
+                           "c": _info(6)})
+    with pytest.raises(DeviceError, match=r"^1 of 3 could not be deactivated; first: /dev/mapper/b is open"):
+        activate.deactivate(None, lambda: env.dm, env.state, env.logged.append)
+    assert set(env.dm.present) == {"b", "b-snap", "b-cow"}
+    assert env.state.load("a").seal is not None and env.state.load("b").seal is None
 
 
 def test_deactivate_refuses_mounted(env):
@@ -380,7 +425,56 @@ def test_deactivate_remove_failure_says_what_is_gone(env):
 
 
 # --------------------------------------------------------------------------
-# resolve_target
+# writes that bypassed the origin while the stack was down
+# --------------------------------------------------------------------------
+
+
+def _sealed(head: bytes) -> CheckpointRecord:
+    return replace(_active(), seal=stamp_of(head, "ext4"), built_boot=OLD_BOOT, built_at=900)
+
+
+def test_activate_with_an_unchanged_seal_builds_and_forgets_the_seal(env):
+    env.state.save(_sealed(_ext4_head()))
+    (res,) = env.activate("cp")
+    assert (res.result, res.bypass) == ("activated", "")
+    after = env.state.load("cp")
+    assert (after.seal, after.bypass, after.built_boot, after.built_at) == (None, "", BOOT, 3000)
+
+
+def test_activate_after_a_direct_mount_marks_the_checkpoint_and_still_builds(env):
+    env.state.save(_sealed(_ext4_head(mounts=3, kbytes=50)))
+    env.heads["/dev/vdcp"] = _ext4_head(mounts=4, mount_time=2_500, kbytes=90)
+    (res,) = env.activate("cp")
+    assert res.result == "activated" and "build_stack" in env.kinds()  # the machine still boots
+    assert res.bypass == ("/dev/vdcp was written outside /dev/mapper/cp after 'fiesnap deactivate': "
+                          "mounted read-write 1 time(s), last at 1970-01-01 00:41:40 UTC, 40 KiB written")
+    assert env.state.load("cp").bypass == res.bypass
+    assert any(line.startswith("warning: /dev/vdcp was written outside") and "merge cp' will refuse"
+               in line for line in env.logged)
+    env.heads["/dev/vdcp"] = _ext4_head()
+    env.activate("cp")  # already active, and the finding stays
+    assert env.state.load("cp").bypass == res.bypass
+
+
+@pytest.mark.parametrize("built_boot,mount_time,clock,bypassed", [
+    (OLD_BOOT, 2_100, 3_000.0, True),   # mounted after this boot began, before activate
+    (OLD_BOOT, 1_900, 3_000.0, False),  # last mount was in the boot the stack was up in
+    (OLD_BOOT, 2_100, 800.0, False),    # clock behind the last build: times prove nothing
+    (BOOT, 2_100, 3_000.0, False),      # the stack was built in this boot: that mount went through it
+    ("", 2_100, 3_000.0, False),        # a record from before builds were recorded
+])
+def test_activate_without_a_seal_judges_by_the_mount_time(env, built_boot, mount_time, clock, bypassed):
+    env.state.save(replace(_active(), built_boot=built_boot, built_at=900 if built_boot else 0))
+    env.heads["/dev/vdcp"] = _ext4_head(mounts=7, mount_time=mount_time)
+    env.clock = clock
+    (res,) = env.activate("cp")
+    assert bool(res.bypass) is bypassed
+    if bypassed:
+        assert res.bypass == ("/dev/vdcp was mounted read-write directly during this boot, before "
+                              "/dev/mapper/cp was activated (ext4 mount count 7)")
+
+
+
 # --------------------------------------------------------------------------
 
 

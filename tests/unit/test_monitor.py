@@ -286,6 +286,14 @@ def _check(p: MonitorPolicy, cur: Sample, room: int, d: Decision) -> None:
     assert all("\n" not in m for m in (d.reason, *d.warnings, *d.errors))
 
 
+def test_two_polls_a_hair_apart_measure_no_rate() -> None:
+    """Samples taken closer than the clock can tell apart: the rate is unknown, not infinite."""
+    p = MonitorPolicy(threshold_pct=1.0, step_bytes=None, step_pct=1.0, max_bytes=None, interval_s=1.0)
+    prev = Sample("n", "active", 0, 0, 0.0)
+    cur = Sample("n", "active", 1, 1, 2.225073858507e-311)
+    _check(p, cur, 0, decide(p, prev, cur, 0))
+
+
 @settings(max_examples=400, deadline=None)
 @given(policies(), st.none() | samples(), samples(), st.integers(min_value=-(2**40), max_value=2**50))
 def test_decide_never_exceeds_max_or_room(p: MonitorPolicy, prev: Sample | None, cur: Sample, room: int) -> None:

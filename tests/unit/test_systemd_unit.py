@@ -86,6 +86,11 @@ def test_unit_service(unit: configparser.ConfigParser, text: str) -> None:
     # --wait takes a number of seconds
     if "--wait" in argv:
         float(argv[argv.index("--wait") + 1])
+    # At shutdown every stack goes down and is sealed; a failure there never blocks shutdown.
+    (stop,) = _all_values(text, "Service", "ExecStop")
+    assert stop.startswith("-/")
+    stop_argv = shlex.split(stop[1:])
+    assert stop_argv[0] == argv[0] and stop_argv[1:] == ["deactivate", "--all"]
 
 
 def test_unit_comment_references_exist(text: str) -> None:
@@ -114,6 +119,10 @@ def _local_copy(unit: Path, exe: Path, dest: Path) -> None:
     (start,) = _all_values(text, "Service", "ExecStart")
     argv = shlex.split(start)
     local = text.replace(f"ExecStart={start}", f"ExecStart={shlex.join([str(exe.absolute()), *argv[1:]])}")
+    for stop in _all_values(text, "Service", "ExecStop"):
+        prefix, stop_argv = stop[:1] if stop.startswith("-") else "", shlex.split(stop.lstrip("-"))
+        local = local.replace(f"ExecStop={stop}",
+                              f"ExecStop={prefix}{shlex.join([str(exe.absolute()), *stop_argv[1:]])}")
     assert local != text
     (dest / unit.name).write_text(local)
 
