@@ -76,10 +76,11 @@ def _activate_one(dm, record: CheckpointRecord, state: StateStore, log: Log) -> 
         )
     record = _locate(record, state)
     check_store_identity(record, record.device)
-    why = "" if record.bypass else find_bypass(record)
-    if why:
-        record = record.bypassed(why)
+    found = "" if record.bypass else find_bypass(record)
+    if found:
+        record = record.bypassed(found)
         state.save(record)  # before the stack: the finding must outlive a failed build
+    why = record.bypass
     build_stack(dm, record, zero_header=False, log=log)
     state.save(built_now(record))
     log(f"activated checkpoint {name!r} over its existing store")
