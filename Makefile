@@ -7,6 +7,10 @@
 #   make demo    same setup, then the demo script in a lab guest
 #   make lab     setup only
 #   make unit / kernel-tests / lab-selftest / udev-tests / power-cut-tests    one part of `make test`
+#   make crash-replay   crash consistency: record fiesnap's whole online sequence with dm-log-writes,
+#                replay FIESNAP_CRASH_POINTS (default 120; 0 = every point) crash points in a lab
+#                guest (tests/kernel/test_crash_replay.py); not part of `make test`, which replays
+#                a sample of 12 with the other kernel tests
 #   make bench   the benchmarks (benchmarks/README.md) in lab guests, one after the other; not
 #                part of `make test`; results in .lab/runs/script-<bench>/results/
 #
@@ -36,8 +40,13 @@ LAB_SELFTEST := $(VPY) -m tests.lab boots tests/lab/selftest-boots.sh --boots 2 
 UDEV_TESTS := $(VPY) -m tests.lab kernel-tests --udev --disks 2 -- -m udev
 # Setup, online start, power cut, activate, merge, power cut mid-merge, merge again.
 POWER_CUT_TESTS := $(VPY) -m tests.lab boots tests/kernel/power_loss.py --boots 3 --disks 3 --timeout 900
+# Crash-consistency replay, wide: the lab passes no environment into the guest, so the count
+# travels as a pytest option (registered by loading tests/kernel/crash_replay.py as a plugin).
+FIESNAP_CRASH_POINTS ?= 120
+CRASH_REPLAY := $(VPY) -m tests.lab kernel-tests --shards 1 $(LAB_ARGS) -- -p tests.kernel.crash_replay \
+	--crash-points $(FIESNAP_CRASH_POINTS) tests/kernel/test_crash_replay.py
 
-.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests lab-selftest udev-tests power-cut-tests bench clean-lab
+.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests lab-selftest udev-tests power-cut-tests crash-replay bench clean-lab
 
 lab: sysdeps venv kernel udev
 
@@ -78,6 +87,9 @@ udev-tests: lab
 
 power-cut-tests: lab
 	$(POWER_CUT_TESTS)
+
+crash-replay: lab
+	$(CRASH_REPLAY)
 
 # Every part always runs; the target fails if any did (pytest's 5, "no tests", too).
 # After the kernel tests' guests: the power-cut tests (three boots) in one lane, the lab's

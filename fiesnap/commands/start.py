@@ -158,6 +158,13 @@ def _with_store(record: CheckpointRecord, created: storefile.StoreFile, *, check
 
 # --------------------------------------------------------------------- offline
 
+def _remove_leftovers(mnt: str, name: str, fs_uuid: str, log: Log) -> None:
+    """Store files an interrupted start of `name` left behind (it holds no checkpoint now)."""
+    for relpath in storefile.leftover_stores(mnt, name, fs_uuid):
+        storefile.remove_store_file(mnt, relpath)
+        log(f"removed /{relpath}, a store file left by an interrupted start")
+
+
 def _start_offline(req: StartRequest, dm_factory, state: StateStore, log: Log) -> CheckpointRecord:
     dev = blockdev.open_block_device(req.target)
     name = validate_name(req.name or os.path.basename(os.path.realpath(req.target)))
@@ -190,6 +197,7 @@ def _start_offline(req: StartRequest, dm_factory, state: StateStore, log: Log) -
         # private mount; unmounting flushes everything, so the device content at
         # this point is the checkpoint.
         with mounts.private_mount(req.target, fs.fstype) as mnt:
+            _remove_leftovers(mnt, name, fs.uuid, log)
             created = storefile.create_store_file(
                 mnt, f"store-{name}-{checkpoint_id[:8]}", req.size,
                 head=identity_writer(checkpoint_id, fs.uuid, dev.size_bytes, req.chunk_bytes))
@@ -278,6 +286,7 @@ def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore, l
             _check_std_streams(fs_dev, f"/dev/mapper/{name}")
             fsprobe.check_statfs(mnt)
             storefile.check_free_space(mnt, req.size, label=f"/dev/mapper/{name}")
+            _remove_leftovers(mnt, name, record.fs_uuid, log)
             created = storefile.create_store_file(
                 mnt, f"store-{name}-{checkpoint_id[:8]}", req.size,
                 head=identity_writer(checkpoint_id, record.fs_uuid, record.device_bytes, req.chunk_bytes))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from fiesnap.model.extents import Extent, physical_layout
 from fiesnap.model.units import format_bytes
 from fiesnap.kernel.fiemap import file_extents
 from fiesnap.kernel.fileflags import set_immutable
-from fiesnap.model.identity import IDENTITY_BYTES
+from fiesnap.model.identity import IDENTITY_BYTES, decode_identity
 from fiesnap.kernel.fsprobe import check_statfs, is_realtime
 from fiesnap.kernel.mounts import private_mount
 
@@ -421,6 +422,41 @@ def _write_through(dir_fd: int, ro_fd: int, name: str, data: bytes, where: str) 
         _write_head(wfd, data, where)
     finally:
         os.close(wfd)
+
+
+def leftover_stores(mountpoint: str, name: str, fs_uuid: str) -> list[str]:
+    """Store files of checkpoint `name` that no record names (relpaths, sorted).
+
+    A start killed between creating its store file and recording it leaves an
+    immutable file no command would remove. Call under the state lock, with
+    `name` holding no checkpoint: then every `store-NAME-<8 hex>` in STORE_DIR
+    whose identity block names this filesystem is such a leftover. Anything
+    else -- another name, another pattern, a file without a fiesnap identity --
+    is not touched.
+    """
+    wanted = re.compile(rf"^store-{re.escape(name)}-[0-9a-f]{{8}}$")
+    root_fd = _open_root(mountpoint)
+    try:
+        try:
+            dir_fd = _open_store_dir(root_fd, mountpoint)
+        except FileNotFoundError:
+            return []
+        try:
+            candidates = sorted(n for n in os.listdir(dir_fd) if wanted.match(n))
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.close(root_fd)
+    found = []
+    for file_name in candidates:
+        relpath = f"{STORE_DIR}/{file_name}"
+        try:
+            ident = decode_identity(read_head(mountpoint, relpath), os.path.join(mountpoint, relpath))
+        except (FiesnapError, OSError):
+            continue
+        if ident.fs_uuid == fs_uuid:
+            found.append(relpath)
+    return found
 
 
 def remove_store_file(mountpoint: str, relpath: str) -> None:

@@ -51,8 +51,11 @@ def _hang_report(nodeid: str) -> None:
             out.append(f"$ {' '.join(cmd)}\n{p.stdout}{p.stderr}")
         except (OSError, subprocess.SubprocessError) as e:
             out.append(f"$ {' '.join(cmd)}: {e}")
-    sys.__stderr__.write("\n".join(out) + "\n")
+    text = "\n".join(out)
+    sys.__stderr__.write(text + "\n")
     sys.__stderr__.flush()
+    for line in text.splitlines():  # and onto the console, next to the kernel's own report
+        h.kmsg(line[:900])
     try:  # blocked (D state) tasks with their kernel stacks, into dmesg and the console
         with open("/proc/sys/kernel/sysrq", "w") as f:
             f.write("1")

@@ -275,11 +275,12 @@ def tree_digest(root: str | os.PathLike) -> dict[str, tuple[int, str | None]]:
 
 
 #: Runs fiesnap's CLI with one method counted: the process SIGKILLs itself right after call
-#: number N returns, like a kill -9 at that point. argv: MODULE CLASS METHOD N fiesnap-args...
+#: number N returns, like a kill -9 at that point. argv: MODULE CLASS|"" FUNCTION N fiesnap-args...
 KILL_AFTER_CALL = r"""
 import importlib, os, signal, sys
 module, cls, method, left = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-owner = getattr(importlib.import_module(module), cls)
+owner = importlib.import_module(module)
+owner = getattr(owner, cls) if cls else owner  # a class's method, or a module's function
 real = getattr(owner, method)
 def call_then_die(*a, **kw):
     global left
@@ -309,7 +310,8 @@ def run_fiesnap(*args: object, state_dir: str | os.PathLike, check: bool = False
     env: the whole environment to use (default: os.environ); FIESNAP_STATE_DIR is added.
     check: raise AssertionError (with stdout/stderr) on a non-zero exit.
     kill_after_writes: SIGKILL the command right after its N-th O_DIRECT write.
-    kill_after: ((module, class, method), N): SIGKILL it right after the N-th call of that method.
+    kill_after: ((module, class, method), N): SIGKILL it right after the N-th call of that method
+    (class "": a function of the module).
     """
     argv = [sys.executable, "-m", "fiesnap", *[str(a) for a in args]]
     if kill_after_writes is not None:

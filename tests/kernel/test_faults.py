@@ -309,3 +309,21 @@ def test_a_command_killed_between_suspend_and_resume_does_not_hold_writes_foreve
     last = sc.load_record(lab.state, "cp")
     lab.fiesnap("merge", "cp", "--keep-store")
     _assert_rollback_exact(lab, rec, last, checkpoint, before)
+
+
+def test_a_start_killed_before_its_record_leaves_no_store_file_behind(lab):
+    """Killed right after creating its store file, before recording it: the file (immutable,
+    named by no record) is removed by the next start of the name. Found by the crash replay."""
+    sc.online_setup(lab, "ext4-4k")
+    p = lab.fiesnap("start", "cp", "--size", "32M", check=False,
+                    kill_after=(("fiesnap.services.storefile", "", "create_store_file"), 1))
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    assert sc.load_record(lab.state, "cp").raw["phase"] == "passthrough"
+    (left,) = os.listdir(os.path.join(lab.mnt, ".fiesnap"))
+    p = lab.fiesnap("start", "cp", "--size", "32M")
+    assert f"removed /.fiesnap/{left}, a store file left by an interrupted start" in p.stderr
+    rec = sc.load_record(lab.state, "cp")
+    assert os.listdir(os.path.join(lab.mnt, ".fiesnap")) == [os.path.basename(rec.raw["store_relpath"])]
+    lab.fiesnap("commit", "cp")
+    assert not os.path.exists(os.path.join(lab.mnt, ".fiesnap"))
+    lab.umount()

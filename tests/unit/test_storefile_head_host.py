@@ -207,3 +207,26 @@ def test_head_io_refuses_unsafe_paths(mounted: tuple[Fs, str]) -> None:
     os.chmod(os.path.join(mp, ".fiesnap"), 0o755)
     with pytest.raises(RefusedError, match="not owned by root with mode 0700"):
         rewrite_head(mp, ".fiesnap/cp", data)
+
+
+@pytest.mark.root
+def test_leftover_stores_are_this_names_own_files_only(mounted: tuple[Fs, str]) -> None:
+    """What an interrupted start left: store-NAME-<8 hex> with a fiesnap identity of this
+    filesystem. Another name, another pattern, a foreign identity or none: never listed."""
+    fs, mp = mounted
+    ours = encode_identity(_ident())
+    theirs = encode_identity(StoreIdentity("cd" * 16, "other-fs", 64 * MiB, 4096, map_checksum({}), 1))
+    create_store_file(mp, "store-cp-0123abcd", 2 * MiB, head=lambda e: ours)
+    create_store_file(mp, "store-cp-89abcdef", 2 * MiB, head=lambda e: ours)
+    create_store_file(mp, "store-cpx-0123abcd", 2 * MiB, head=lambda e: ours)   # another name
+    create_store_file(mp, "store-cp-0123", 2 * MiB, head=lambda e: ours)        # another pattern
+    create_store_file(mp, "store-cp-fedcba98", 2 * MiB, head=lambda e: theirs)  # another filesystem
+    create_store_file(mp, "store-cp-00000000", 2 * MiB)                         # no identity at all
+    found = storefile.leftover_stores(mp, "cp", "some-uuid")
+    assert found == [".fiesnap/store-cp-0123abcd", ".fiesnap/store-cp-89abcdef"]
+    for relpath in found:
+        storefile.remove_store_file(mp, relpath)
+    assert storefile.leftover_stores(mp, "cp", "some-uuid") == []
+    assert sorted(os.listdir(os.path.join(mp, ".fiesnap"))) == [
+        "store-cp-00000000", "store-cp-0123", "store-cp-fedcba98", "store-cpx-0123abcd"]
+    assert storefile.leftover_stores(os.path.join(mp), "nobody", "some-uuid") == []
