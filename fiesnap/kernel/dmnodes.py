@@ -92,6 +92,13 @@ def wait_cookie(lib: ctypes.CDLL, cookie: int, timeout: float) -> bool:
     release when it gets to the event (``dmsetup udevcomplete_all`` clears
     leftovers).
     """
+    if not cookie:
+        # libdm gave no cookie: udev is not synchronised with (not running, or DM_DISABLE_UDEV).
+        # dm_udev_wait_immediate would never report ready for it; dm_udev_wait returns at once
+        # after running libdm's stacked node operations, which is all there is to do.
+        with libdm.LOCK:
+            lib.dm_udev_wait(0)
+        return True
     deadline = time.monotonic() + timeout
     ready = c_int(0)
     while True:

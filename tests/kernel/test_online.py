@@ -59,6 +59,7 @@ def test_online_start_under_writer_then_rollback_is_exact(lab, tmp_path, kind, b
     writer.wait_for(done_after_start + 15)
     finished = writer.stop()
     assert "frozen" in p.stderr
+    assert "udev did not confirm" not in p.stderr, p.stderr  # no cookie, no wait (no udev here)
 
     rec = sc.load_record(lab.state, "cp")
     assert rec.raw["mode"] == "online" and rec.raw["managed"] and rec.raw["free_map"]
