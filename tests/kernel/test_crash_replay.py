@@ -7,8 +7,8 @@ Recording (one logged device of 192 MiB, beneath everything):
     mkfs + files (the base image, before logging) -> log-writes over the device ->
     fiesnap setup -> mount /dev/mapper/NAME -> a writer creates files -> ONLINE fiesnap start
     --size 40M (the checkpoint view is copied and its tree hashed right after) -> churn ->
-    fiesnap extend --by 24M -> more churn and 20 MiB of new data (the store grows into the
-    extension) -> umount -> fiesnap merge --keep-store
+    fiesnap extend --by 24M -> more churn and new 4 MiB files until the store reaches into the
+    extension -> umount -> fiesnap merge --keep-store
 
 fiesnap runs through a wrapper (crash_replay.SAVE_MARKS) that logs a mark after every record
 save, so each replay point knows the state folder as it was at that instant.
@@ -82,6 +82,12 @@ def _wrapped(state: str, side: str, logdev: str, *args: str, ok=(0,)) -> subproc
 def _used(state: str) -> int:
     p = sh(sys.executable, "-m", "fiesnap", "status", NAME, "--json", env=dict(os.environ, FIESNAP_STATE_DIR=state))
     return json.loads(p.stdout)["checkpoints"][0]["used_bytes"] or 0
+
+
+def _snap_used() -> int:
+    """Bytes the kernel reports used in NAME's store (dm-snapshot status: used/total sectors)."""
+    fields = sh("dmsetup", "status", f"{NAME}-snap").stdout.split()
+    return int(fields[3].split("/")[0]) * 512
 
 
 def _teardown(mnts: list[str]) -> None:
@@ -162,10 +168,16 @@ def record_run(disk_a, disk_b, disk_d, tmp_path, dm_prefix):
     print(f"store used after the first churn: {used1} bytes")
     ext = fs("extend", NAME, "--by", "24M", "--json")
     sc.churn(mnt, seed=3)
-    # New data in blocks free at the checkpoint: their old contents go to the store, which
-    # now reaches into the chunks extend added (the first churn used ~23-26 of its 40 MiB).
-    with open(f"{mnt}/after-extend.bin", "wb") as f:
-        f.write(os.urandom(20 * MiB))
+    # New data in blocks free at the checkpoint: their old contents go to the store, until it
+    # reaches into the chunks extend added (the first churn used 11-26 of its 40 MiB; how
+    # much the writer added meanwhile varies, so write until the store is past 40 MiB).
+    for i in range(16):
+        sv = os.statvfs(mnt)
+        if _snap_used() > 44 * MiB or sv.f_bavail * sv.f_frsize < 12 * MiB:
+            break
+        with open(f"{mnt}/after-extend-{i}.bin", "wb") as f:
+            f.write(os.urandom(4 * MiB))
+            os.fsync(f.fileno())
     os.sync()
     used2 = _used(state)
     assert used2 > 40 * MiB, f"the store used {used2} bytes: the extension was never written"
