@@ -317,18 +317,24 @@ def run_point(n, save, img, image, tree, stores, work, tmp_path, merged_k, mid_c
         _teardown([mnt])
 
 
+def _no_checkpoint_left(fail, state: str, when: str) -> None:
+    """The record is a pass-through and no -snap/-cow of NAME is left."""
+    with open(os.path.join(state, f"{NAME}.json")) as f:
+        phase = json.load(f)["phase"]
+    if phase != "passthrough":
+        raise fail(f"{when} the record is in phase {phase}")
+    leftovers = [n for n in dm_names() if n in (f"{NAME}-snap", f"{NAME}-cow")]
+    if leftovers:
+        raise fail(f"{when} {leftovers} still exist")
+
+
 def _exact(fail, image, tree, stores, work, state, mnt) -> None:
     diff = cr.masked_diff(cr.Region(work, 0, DEV_BYTES), image, stores)
     if diff:
         firsts = [f"MiB {m // MiB} (first byte {b})" for m, b in diff[:6]]
         raise fail(f"the device differs from the checkpoint outside the store in {len(diff)} MiB: "
                    + ", ".join(firsts))
-    rec = json.load(open(os.path.join(state, f"{NAME}.json")))
-    if rec["phase"] != "passthrough":
-        raise fail(f"after the merge the record is in phase {rec['phase']}")
-    leftovers = [n for n in dm_names() if n in (f"{NAME}-snap", f"{NAME}-cow")]
-    if leftovers:
-        raise fail(f"after the merge {leftovers} still exist")
+    _no_checkpoint_left(fail, state, "after the merge")
     dev = f"/dev/mapper/{NAME}"
     ok, log = fsck_clean(dev, KIND)
     if not ok:
@@ -349,12 +355,7 @@ def _consistent_after_commit(fail, rec, state, work, mnt, times) -> str:
     (a crash after start created the file, before it recorded `starting`) is a leftover: the
     next start of the name must remove it (counted as `orphan_store`, checked by a start and
     a commit that must leave no store file)."""
-    now = json.load(open(os.path.join(state, f"{NAME}.json")))
-    if now["phase"] != "passthrough":
-        raise fail(f"after commit the record is in phase {now['phase']}")
-    leftovers = [n for n in dm_names() if n in (f"{NAME}-snap", f"{NAME}-cow")]
-    if leftovers:
-        raise fail(f"after commit {leftovers} still exist")
+    _no_checkpoint_left(fail, state, "after commit")
     seen: list[str] = []
     ok, log = _fsck_after_mount(f"/dev/mapper/{NAME}", mnt, seen)
     if not ok:
