@@ -20,6 +20,7 @@ from fiesnap.commands import merge as merge_cmd
 from fiesnap.commands import setup as setup_cmd
 from fiesnap.commands import start as start_cmd
 from fiesnap.commands import status as status_cmd
+from fiesnap.commands.guards import DEFAULT_FREE_AWARE
 from fiesnap.commands.monitor import run_monitor
 from fiesnap.errors import FiesnapError, RefusedError, UsageError
 from fiesnap.model.monitor_policy import MonitorPolicy, parse_step
@@ -107,6 +108,10 @@ def start(
     name: Optional[str] = typer.Option(None, "--name", "-n",
                                        help="Checkpoint name for a DEVICE (default: its basename)."),
     chunk_size: str = typer.Option("4K", "--chunk-size", help="dm-snapshot chunk size, a power of two from 4K to 512K."),
+    free_aware: bool = typer.Option(
+        DEFAULT_FREE_AWARE, "--free-aware/--plain",
+        help="Free-aware store: writes into space that was free at the checkpoint copy nothing "
+             "(docs/design.md). --plain: every first write of a chunk is copied."),
     as_json: bool = typer.Option(False, "--json", help="Print the new checkpoint as JSON on stdout."),
 ) -> None:
     """Take a checkpoint: of NAME online (mounted and busy), or of an unmounted DEVICE.
@@ -116,7 +121,7 @@ def start(
     Of an unmounted DEVICE: builds /dev/mapper/NAME (mount that), NAME-snap and NAME-cow.
     """
     req = start_cmd.StartRequest(target=target, size=_size(size, "--size"), name=name,
-                                 chunk_bytes=_size(chunk_size, "--chunk-size"))
+                                 chunk_bytes=_size(chunk_size, "--chunk-size"), free_aware=free_aware)
     record = start_cmd.start(req, _dm_factory, StateStore(), _log)
     if as_json:
         _emit_json(status_cmd.status(_dm_factory, StateStore(), record.name)[0].to_dict())

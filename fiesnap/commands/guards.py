@@ -14,6 +14,8 @@ from fiesnap.model.units import format_bytes
 Log = Callable[[str], None]
 
 DEFAULT_CHUNK_BYTES = 4096
+#: `start` makes a free-aware store unless told --plain (model/seeding.py).
+DEFAULT_FREE_AWARE = False
 MIN_CHUNK_BYTES = 4096
 MAX_CHUNK_BYTES = 512 * 1024
 

@@ -15,6 +15,21 @@ frozen:
     -> load snapshot-origin into NAME -> freeze -> free-space map ->
     suspend NAME (no second freeze) -> resume NAME -> thaw
 
+A free-aware store (the default; model/seeding.py) seeds one exception per
+chunk free at the checkpoint, so its table depends on the free-space map of
+the checkpoint moment. Offline that is the map read before the unmount;
+online it is read inside the freeze, and the table is written and NAME-snap
+loaded there too (NAME-snap is made without a table beforehand):
+
+    ... -> freeze -> free-space map -> write seeded table through NAME-cow
+    -> load + resume NAME-snap -> suspend NAME -> resume NAME -> thaw
+
+The number of seeded areas (the store's layout, which its identity block
+hashes) is fixed before the store file is made, from the free space then,
+with one area to spare; free space beyond what the areas hold stays
+unseeded, which is always safe (its first write is copied, as in a plain
+store).
+
 While frozen, fiesnap writes nothing on that filesystem: every module is
 already imported, messages wait until the thaw, the state folder must live
 elsewhere, and stdin/stdout/stderr must not be files on it.
@@ -30,6 +45,7 @@ from dataclasses import dataclass, replace
 
 from fiesnap.commands.guards import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_FREE_AWARE,
     Log,
     check_chunk_size,
     check_store_size,
@@ -37,12 +53,14 @@ from fiesnap.commands.guards import (
     now,
     require_root,
 )
-from fiesnap.errors import CheckpointNameError, DeviceError, RefusedError, UsageError
+from fiesnap.errors import CheckpointNameError, DeviceError, FilesystemError, RefusedError, UsageError
 from fiesnap.kernel import blockdev, fsprobe, mounts
 from fiesnap.kernel.freeze import frozen
 from fiesnap.kernel.fsmap import free_space
 from fiesnap.model.identity import encode_identity, map_checksum, StoreIdentity
+from fiesnap.model.extents import free_chunks
 from fiesnap.model.record import CheckpointRecord, store_map, validate_name
+from fiesnap.model.seeding import areas_for, plan_seeding
 from fiesnap.model.units import format_bytes
 from fiesnap.services import storefile
 from fiesnap.services.deviceseal import built_now
@@ -50,6 +68,7 @@ from fiesnap.services.stack import (
     StackNames,
     build_stack,
     build_store_layers,
+    load_seeded_snapshot,
     passthrough_targets,
     reload_as_passthrough,
     snapshot_store_type,
@@ -67,6 +86,8 @@ class StartRequest:
     size: int
     name: str | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: seed the store with the checkpoint's free space (model/seeding.py); False: a plain store.
+    free_aware: bool = DEFAULT_FREE_AWARE
 
 
 def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> CheckpointRecord:
@@ -138,10 +159,11 @@ def _managed_name_of(devno: int, state: StateStore) -> str | None:
 
 # --------------------------------------------------------------------- the store file
 
-def identity_writer(checkpoint_id: str, fs_uuid: str, device_bytes: int, chunk_bytes: int):
+def identity_writer(checkpoint_id: str, fs_uuid: str, device_bytes: int, chunk_bytes: int,
+                    seeded_areas: int = 0):
     """The store file's identity block for its extents (storefile.create_store_file's `head`)."""
     def head(extents) -> bytes:
-        cow = store_map(extents, chunk_bytes)
+        cow = store_map(extents, chunk_bytes, seeded_areas)
         return encode_identity(StoreIdentity(
             checkpoint_id=checkpoint_id, fs_uuid=fs_uuid, device_bytes=device_bytes,
             chunk_bytes=chunk_bytes, map_sha256=map_checksum(cow.to_dict()), generation=1))
@@ -149,11 +171,34 @@ def identity_writer(checkpoint_id: str, fs_uuid: str, device_bytes: int, chunk_b
 
 
 def _with_store(record: CheckpointRecord, created: storefile.StoreFile, *, checkpoint_id: str,
-                store_type: str, chunk_bytes: int, mode: str, free=()) -> CheckpointRecord:
+                store_type: str, chunk_bytes: int, mode: str, seeded_areas: int,
+                free=()) -> CheckpointRecord:
     return record.with_checkpoint(
         checkpoint_id=checkpoint_id, store_type=store_type, chunk_bytes=chunk_bytes,
         store_relpath=created.relpath, store_file_bytes=created.size, extents=created.extents,
-        created=now(), mode=mode, free_map=free)
+        created=now(), mode=mode, free_map=free, seeded_areas=seeded_areas)
+
+
+def seeded_areas_for(mnt: str, req: StartRequest) -> int:
+    """Seeded areas to reserve (0 for a plain store): for the free space now, less the
+    store file about to be made."""
+    if not req.free_aware:
+        return 0
+    free = len(free_chunks(free_space(mnt), req.chunk_bytes))
+    return max(1, areas_for(free - req.size // req.chunk_bytes, req.chunk_bytes))
+
+
+def _seeded_count(record: CheckpointRecord, free) -> int:
+    """Chunks the checkpoint-time map `free` seeds; FilesystemError when there are none."""
+    layout = record.seed_layout
+    if layout is None:
+        return 0
+    plan = plan_seeding(free, layout, store=record.cow.store_chunks())
+    if plan.count == 0:
+        raise FilesystemError(
+            f"{record.device} has no whole {record.chunk_bytes}-byte chunk of free space left "
+            "to seed: free some space, or start with --plain")
+    return plan.count
 
 
 # --------------------------------------------------------------------- offline
@@ -198,9 +243,10 @@ def _start_offline(req: StartRequest, dm_factory, state: StateStore, log: Log) -
         # this point is the checkpoint.
         with mounts.private_mount(req.target, fs.fstype) as mnt:
             _remove_leftovers(mnt, name, fs.uuid, log)
+            areas = seeded_areas_for(mnt, req)
             created = storefile.create_store_file(
                 mnt, f"store-{name}-{checkpoint_id[:8]}", req.size,
-                head=identity_writer(checkpoint_id, fs.uuid, dev.size_bytes, req.chunk_bytes))
+                head=identity_writer(checkpoint_id, fs.uuid, dev.size_bytes, req.chunk_bytes, areas))
             try:
                 free = free_space(mnt)
             except BaseException:
@@ -216,7 +262,8 @@ def _start_offline(req: StartRequest, dm_factory, state: StateStore, log: Log) -
                 device_minor=dev.minor, device_bytes=dev.size_bytes, fstype=fs.fstype,
                 fs_uuid=fs.uuid, phase="starting")
             record = _with_store(device, created, checkpoint_id=checkpoint_id, store_type=store_type,
-                                 chunk_bytes=req.chunk_bytes, mode="offline", free=free)
+                                 chunk_bytes=req.chunk_bytes, mode="offline", seeded_areas=areas, free=free)
+            record = record.with_free_map(free, seeded_chunks=_seeded_count(record, free))
             state.save(record)
             build_stack(dm, record, zero_header=True, log=log)
             record = built_now(record.with_phase("active"))
@@ -287,14 +334,16 @@ def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore, l
             fsprobe.check_statfs(mnt)
             storefile.check_free_space(mnt, req.size, label=f"/dev/mapper/{name}")
             _remove_leftovers(mnt, name, record.fs_uuid, log)
+            areas = seeded_areas_for(mnt, req)
             created = storefile.create_store_file(
                 mnt, f"store-{name}-{checkpoint_id[:8]}", req.size,
-                head=identity_writer(checkpoint_id, record.fs_uuid, record.device_bytes, req.chunk_bytes))
+                head=identity_writer(checkpoint_id, record.fs_uuid, record.device_bytes, req.chunk_bytes,
+                                     areas))
             log(f"created store file /{created.relpath} ({format_bytes(req.size)}, "
                 f"{len(created.extents)} extents)")
             try:
                 new = _with_store(record, created, checkpoint_id=checkpoint_id, store_type=store_type,
-                                  chunk_bytes=req.chunk_bytes, mode="online")
+                                  chunk_bytes=req.chunk_bytes, mode="online", seeded_areas=areas)
                 state.save(new)
                 new = _attach(dm, new, mnt, state, log)
             except BaseException as e:
@@ -309,9 +358,14 @@ def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore, l
 
 
 def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log) -> CheckpointRecord:
-    """Build cow + snapshot, switch NAME to snapshot-origin while frozen, record the free map."""
-    made = build_store_layers(dm, record, zero_header=True, log=log)
+    """Build cow + snapshot, switch NAME to snapshot-origin while frozen, record the free map.
+
+    A free-aware store's NAME-snap gets its table inside the freeze, once the
+    seeded table for the checkpoint-time free map is written."""
+    seeded = record.free_aware
+    made = build_store_layers(dm, record, zero_header=True, log=log, snapshot_later=seeded)
     spans: list[float] = []
+    owed: list = []  # NAME-snap's udev confirmation, awaited after the thaw
 
     @contextmanager
     def window():
@@ -323,18 +377,33 @@ def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log)
         finally:
             spans.append(time.monotonic() - t0)
 
+    def at_checkpoint():
+        free = free_space(mnt)
+        if not seeded:
+            return free, 0
+        plan, pending = load_seeded_snapshot(dm, record, free)
+        owed.append(pending)
+        return free, plan.count
+
     try:
-        free = switch_to_origin(dm, record, window, lambda: free_space(mnt))
+        try:
+            free, count = switch_to_origin(dm, record, window, at_checkpoint)
+        finally:
+            for pending in owed:
+                pending.finish()
         frozen_s = spans[0]
     except BaseException:
         unwind(dm, made)
         raise
     try:
-        active = built_now(record.with_free_map(free, frozen_seconds=round(frozen_s, 3)).with_phase("active"))
+        active = built_now(record.with_free_map(free, frozen_seconds=round(frozen_s, 3),
+                                                seeded_chunks=count).with_phase("active"))
         state.save(active)
     except BaseException:
         reload_as_passthrough(dm, record)
         unwind(dm, made)
         raise
+    if seeded:
+        log(f"seeded {count} free chunks inside the freeze")
     log(f"switched /dev/mapper/{record.name} to snapshot-origin; filesystem frozen {frozen_s:.2f}s")
     return active

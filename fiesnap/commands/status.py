@@ -43,6 +43,8 @@ class CheckpointStatus:
             "extents": len(r.store_extents) if r.store_extents else None,
             "segments": len(cow.segments) if cow is not None else None,
             "store_type": r.store_type or None,
+            "free_aware": r.free_aware if r.checkpoint_id else None,
+            "seeded_bytes": r.seeded_chunks * r.chunk_bytes if r.free_aware else None,
             "start_time": r.created or None,
             "mounted_on": list(self.mounted_on),
             "checkpoint_id": r.checkpoint_id or None,

@@ -111,6 +111,22 @@ def zero_range(path: str, offset: int, length: int, *, expect_rdev: int | None =
             raise OSError(f"{path}: bytes {offset}..{offset + length} did not read back as zeros")
 
 
+def write_chunks(path: str, chunks: dict[int, bytes], chunk_bytes: int, *,
+                 expect_rdev: int | None = None) -> None:
+    """Write whole chunks {chunk number: bytes} with O_DIRECT, fsync, and read each back."""
+    with AlignedBuffer(chunk_bytes) as buf, DirectDevice.open(path, write=True, expect_rdev=expect_rdev) as dev:
+        for n in sorted(chunks):
+            data = chunks[n]
+            if len(data) != chunk_bytes:
+                raise ValueError(f"chunk {n} is {len(data)} bytes, not {chunk_bytes}")
+            buf.view[:chunk_bytes] = data
+            dev.write_from(buf, n * chunk_bytes, chunk_bytes)
+        dev.fsync()
+        for n in sorted(chunks):
+            if bytes(dev.read_into(buf, n * chunk_bytes, chunk_bytes)) != chunks[n]:
+                raise OSError(f"{path}: chunk {n} did not read back as written")
+
+
 def probe_exclusive(path: str) -> bool:
     """True if nothing holds the block device: not mounted in any mount namespace, not
     under another device, not opened exclusively by a program (an O_EXCL open succeeds)."""

@@ -43,6 +43,18 @@ def linear(start: int, length: int, device: str, offset: int) -> DmTarget:
     return DmTarget(start, length, "linear", f"{_check_device(device)} {offset}")
 
 
+def zero_target(start: int, length: int) -> DmTarget:
+    """`start length zero`: reads return zeros, writes are discarded."""
+    _check_span(start, length)
+    return DmTarget(start, length, "zero", "")
+
+
+def error_target(start: int, length: int) -> DmTarget:
+    """`start length error`: every I/O fails."""
+    _check_span(start, length)
+    return DmTarget(start, length, "error", "")
+
+
 def snapshot_origin(length: int, device: str) -> DmTarget:
     """The whole-device snapshot-origin target that the filesystem is mounted on."""
     _check_span(0, length)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fiesnap.errors import StoreFormatError
-from fiesnap.model.extents import SECTOR_BYTES, require_chunk_bytes
+from fiesnap.model.extents import SECTOR_BYTES, ChunkSet, require_chunk_bytes
 
 SNAP_MAGIC = 0x70416E53  # "SnAp"
 DISK_VERSION = 1
@@ -31,6 +31,7 @@ FIRST_DATA_CHUNK = HEADER_CHUNKS + 1  # header, then metadata area 0
 _HEADER = struct.Struct("<IIII")
 _EXCEPTION = struct.Struct("<QQ")
 
+_NO_CHUNKS = ChunkSet()
 _UNTOUCHED = "rollback is impossible; current data was not touched"
 
 
@@ -114,6 +115,8 @@ class ExceptionTable:
     entries: tuple[CowException, ...]
     areas_read: int
     next_free: int
+    #: seeded entries (model/seeding.py) read before `entries`; checked, not kept.
+    seeded: int = 0
 
     @property
     def used_chunks(self) -> int:
@@ -135,6 +138,10 @@ def read_exception_table(
     cow_chunks: int,
     origin_chunks: int,
     chunk_bytes: int,
+    seeded: bytes = b"",
+    seeded_old: ChunkSet | None = None,
+    data_start: int = FIRST_DATA_CHUNK,
+    is_backed: Callable[[int], bool] = lambda n: True,
 ) -> ExceptionTable:
     """Read and fully validate the store, walking it like read_exceptions().
 
@@ -148,8 +155,21 @@ def read_exception_table(
     not safely apply (out of range, pointing at metadata, duplicated).
     The kernel itself checks none of the entry properties; refusing is how we
     avoid writing garbage over the user's data.
+
+    A free-aware store passes `seeded` (the seeded entries as they must be on
+    disk, computed from the recorded free-space map), `seeded_old` (their
+    origin chunks), `data_start` (where its data space starts) and
+    `is_backed`: the table must open with exactly those entries, and every
+    other entry must name a backed data chunk and an origin chunk with no
+    seeded entry. Only the other entries are returned.
     """
     require_chunk_bytes(chunk_bytes)
+    if len(seeded) % _EXCEPTION.size:
+        raise ValueError("seeded entries are not whole 16-byte entries")
+    n_seeded = len(seeded) // _EXCEPTION.size
+    if n_seeded and seeded_old is None:
+        raise ValueError("seeded entries need their origin chunks (seeded_old)")
+    seeded_old = seeded_old if seeded_old is not None else _NO_CHUNKS
     epa = chunk_bytes // _EXCEPTION.size
     stride = epa + 1
     if cow_chunks < FIRST_DATA_CHUNK:
@@ -188,17 +208,33 @@ def read_exception_table(
     seen_old: set[int] = set()
     seen_new: set[int] = set()
     area = 0
+    read = 0
     full = True
     while full:
         loc = HEADER_CHUNKS + stride * area
-        if loc >= cow_chunks:
+        if loc >= cow_chunks or not is_backed(loc):
             raise _refuse(
                 f"is truncated: the table continues into metadata area {area} "
-                f"at chunk {loc}, beyond its {cow_chunks} chunks"
+                f"at chunk {loc}, beyond its {cow_chunks} chunks" if loc >= cow_chunks else
+                f"is damaged: the table continues into metadata area {area} at chunk {loc}, "
+                "which the store does not back"
             )
         buf = chunk(loc)
         full = True
-        for i, (old, new) in enumerate(_EXCEPTION.iter_unpack(buf)):
+        first = 0
+        if read < n_seeded:
+            first = min(n_seeded - read, epa)
+            want = seeded[read * _EXCEPTION.size:(read + first) * _EXCEPTION.size]
+            got = buf[:first * _EXCEPTION.size]
+            if got != want:
+                slot = next(i for i in range(first) if got[i * 16:i * 16 + 16] != want[i * 16:i * 16 + 16])
+                old, new = _EXCEPTION.unpack_from(got, slot * 16)
+                raise _refuse(
+                    f"has a seeded entry that does not match the checkpoint's free-space map "
+                    f"(area {area}, slot {slot}: origin chunk {old} -> COW chunk {new}): "
+                    "forged or damaged, a merge would skip a chunk it must restore")
+            read += first  # real entries may follow in the same area
+        for i, (old, new) in enumerate(_EXCEPTION.iter_unpack(buf[first * _EXCEPTION.size:]), first):
             if new == 0:  # end of table, as in insert_exceptions()
                 full = False
                 break
@@ -208,11 +244,13 @@ def read_exception_table(
             )
             if old >= origin_chunks:
                 raise _refuse(f"{where}: origin chunk beyond the device's {origin_chunks}")
-            if new < FIRST_DATA_CHUNK or new >= cow_chunks:
-                raise _refuse(f"{where}: COW chunk outside 2..{cow_chunks - 1}")
+            if new < data_start or new >= cow_chunks:
+                raise _refuse(f"{where}: COW chunk outside {data_start}..{cow_chunks - 1}")
             if (new - HEADER_CHUNKS) % stride == 0:
                 raise _refuse(f"{where}: COW chunk is a metadata area")
-            if old in seen_old:
+            if not is_backed(new):
+                raise _refuse(f"{where}: COW chunk is not backed by the store")
+            if old in seen_old or old in seeded_old:
                 raise _refuse(f"{where}: origin chunk listed twice")
             if new in seen_new:
                 raise _refuse(f"{where}: COW chunk used twice")
@@ -221,12 +259,13 @@ def read_exception_table(
             entries.append(CowException(old, new))
         area += 1
 
-    next_free = max(FIRST_DATA_CHUNK, max(seen_new, default=0) + 1)
+    next_free = max(data_start, max(seen_new, default=0) + 1)
     return ExceptionTable(
         chunk_bytes=chunk_bytes,
         entries=tuple(entries),
         areas_read=area,
         next_free=_skip_metadata(next_free, stride),
+        seeded=n_seeded,
     )
 
 

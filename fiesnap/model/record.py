@@ -26,6 +26,7 @@ from fiesnap.model.cowtable import CowTable
 from fiesnap.model.extents import Extent, head_location, whole_chunks, without_head
 from fiesnap.model.identity import IDENTITY_BYTES, StoreIdentity, map_checksum
 from fiesnap.model.seal import SuperblockStamp
+from fiesnap.model.seeding import SeedLayout, seeded_cow_table
 from fiesnap.model.units import is_int
 
 RECORD_VERSION = 1
@@ -79,16 +80,21 @@ def validate_name(name: str) -> str:
     return name
 
 
-def store_map(extents: Iterable[Extent], chunk_bytes: int) -> CowTable:
-    """The store's chunks: whole chunks of the file, never the identity block."""
-    cow = CowTable.from_runs(whole_chunks(without_head(extents, IDENTITY_BYTES), chunk_bytes), chunk_bytes)
-    if cow.total_chunks < MIN_STORE_CHUNKS:
+def store_map(extents: Iterable[Extent], chunk_bytes: int, seeded_areas: int = 0) -> CowTable:
+    """The store's chunks: whole chunks of the file, never the identity block; with
+    seeded areas, laid out as a free-aware store (model/seeding.py)."""
+    runs = whole_chunks(without_head(extents, IDENTITY_BYTES), chunk_bytes)
+    have = sum(r.count for r in runs)
+    need = MIN_STORE_CHUNKS + (seeded_areas + 1 if seeded_areas else 0)
+    if have < need:
         raise FilesystemError(
-            f"the store file has only {cow.total_chunks} whole {chunk_bytes}-byte "
-            "chunks: the filesystem is too fragmented; choose a larger --size or a "
-            "smaller --chunk-size"
+            f"the store file has only {have} whole {chunk_bytes}-byte chunks, {need} are needed: "
+            + ("choose a larger --size (a free-aware store keeps one chunk per seeded area)" if seeded_areas
+               else "the filesystem is too fragmented; choose a larger --size or a smaller --chunk-size")
         )
-    return cow
+    if seeded_areas:
+        return seeded_cow_table(runs, SeedLayout(chunk_bytes, seeded_areas))
+    return CowTable.from_runs(runs, chunk_bytes)
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,10 @@ class CheckpointRecord:
     built_at: int = 0
     #: why a rollback can no longer be exact (writes that bypassed the origin); "" if none seen.
     bypass: str = ""
+    #: free-aware store (model/seeding.py): seeded metadata areas reserved (0: a plain
+    #: store), and how many seeded exceptions the checkpoint-time free map gave.
+    seeded_areas: int = 0
+    seeded_chunks: int = 0
 
     # -- queries -----------------------------------------------------------
 
@@ -167,7 +177,17 @@ class CheckpointRecord:
 
     @property
     def store_bytes(self) -> int:
-        return self.cow.total_chunks * self.chunk_bytes
+        """What the store occupies on disk: its backed chunks (a free-aware store's
+        COW address space is larger, and mostly holes)."""
+        return self.cow.backed_chunks * self.chunk_bytes
+
+    @property
+    def free_aware(self) -> bool:
+        return self.seeded_areas > 0
+
+    @property
+    def seed_layout(self) -> SeedLayout | None:
+        return SeedLayout(self.chunk_bytes, self.seeded_areas) if self.seeded_areas else None
 
     @property
     def origin_chunks(self) -> int:
@@ -205,10 +225,11 @@ class CheckpointRecord:
     def with_checkpoint(self, *, checkpoint_id: str, store_type: str, chunk_bytes: int,
                         store_relpath: str, store_file_bytes: int, extents: Iterable[Extent],
                         created: str, mode: str,
-                        free_map: Iterable[tuple[int, int]] = ()) -> CheckpointRecord:
+                        free_map: Iterable[tuple[int, int]] = (),
+                        seeded_areas: int = 0) -> CheckpointRecord:
         """A new checkpoint's record in phase "starting"; its map is what the identity block hashes."""
         extents = tuple(extents)
-        cow = store_map(extents, chunk_bytes)
+        cow = store_map(extents, chunk_bytes, seeded_areas)
         identity_offset = head_location(extents, IDENTITY_BYTES)
         first = identity_offset // chunk_bytes
         last = (identity_offset + IDENTITY_BYTES - 1) // chunk_bytes
@@ -220,12 +241,13 @@ class CheckpointRecord:
             store_relpath=store_relpath, store_file_bytes=store_file_bytes, store_extents=extents,
             cow_table=cow, free_map=tuple((s, n) for s, n in free_map), created=created,
             identity_offset=identity_offset, generation=1, previous_identity=None, mode=mode,
-            frozen_seconds=None, seal=None, built_boot="", built_at=0, bypass="")
+            frozen_seconds=None, seal=None, built_boot="", built_at=0, bypass="",
+            seeded_areas=seeded_areas, seeded_chunks=0)
 
     def with_free_map(self, free_map: Iterable[tuple[int, int]], *,
-                      frozen_seconds: float | None = None) -> CheckpointRecord:
+                      frozen_seconds: float | None = None, seeded_chunks: int = 0) -> CheckpointRecord:
         return replace(self, free_map=tuple((s, n) for s, n in free_map),
-                       frozen_seconds=frozen_seconds)
+                       frozen_seconds=frozen_seconds, seeded_chunks=seeded_chunks)
 
     def relocated(self, device: str, major: int, minor: int) -> CheckpointRecord:
         """The same device found under another name or number after a reboot."""
@@ -287,6 +309,7 @@ class CheckpointRecord:
             "free_map": [[s, n] for s, n in self.free_map],
             "created": self.created, "identity_offset": self.identity_offset,
             "generation": self.generation, "mode": self.mode, "notes": notes,
+            "seeded_areas": self.seeded_areas, "seeded_chunks": self.seeded_chunks,
         }
 
     def to_json(self) -> str:
@@ -409,6 +432,22 @@ class _Parser:
         bypass = notes.get("bypass", "")
         if not isinstance(bypass, str):
             raise self.bad("notes", "has a 'bypass' that is not a string")
+        seeded_areas = self.int_("seeded_areas", 0)
+        seeded_chunks = self.int_("seeded_chunks", 0)
+        if seeded_areas:
+            if cow is None:
+                raise self.bad("seeded_areas", "is set for a record with no store map")
+            try:
+                layout = SeedLayout(chunk_bytes, seeded_areas)
+                layout.check_table(cow)
+            except ValueError as e:
+                raise self.bad("cow_table", f"does not fit its {seeded_areas} seeded areas ({e})") from None
+            if seeded_chunks > layout.capacity:
+                raise self.bad("seeded_chunks", f"exceeds what {seeded_areas} areas hold")
+        elif seeded_chunks:
+            raise self.bad("seeded_chunks", "is set for a plain store")
+        elif cow is not None and cow.backed_chunks != cow.total_chunks:
+            raise self.bad("cow_table", "has unbacked stretches, which only a free-aware store has")
         return CheckpointRecord(
             name=name, device=device,
             device_major=self.int_("device_major"), device_minor=self.int_("device_minor"),
@@ -429,4 +468,5 @@ class _Parser:
             previous_identity=previous,
             mode=self.str_("mode", "offline", choices=MODES),
             frozen_seconds=frozen, seal=seal, built_boot=built_boot, built_at=built_at, bypass=bypass,
+            seeded_areas=seeded_areas, seeded_chunks=seeded_chunks,
         )

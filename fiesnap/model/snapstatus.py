@@ -7,7 +7,7 @@ PO, target >= 1.15) or `Merge failed`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fiesnap.model.units import SECTOR_BYTES
 
@@ -25,6 +25,19 @@ class SnapshotUsage:
         if self.used_bytes is None or not self.total_bytes:
             return None
         return round(100.0 * self.used_bytes / self.total_bytes, 2)
+
+    def backed(self, backed_bytes: int) -> SnapshotUsage:
+        """The same usage against what the store occupies on disk.
+
+        The kernel counts its COW device's address space: `total` is its size and
+        `allocated` everything below its data frontier. A free-aware store's
+        address space opens with holes (model/seeding.py), but everything from the
+        frontier to the end is backed, so the free part is the same either way.
+        """
+        if self.used_bytes is None or self.total_bytes is None:
+            return self
+        free = max(0, self.total_bytes - self.used_bytes)
+        return replace(self, used_bytes=max(0, backed_bytes - free), total_bytes=backed_bytes)
 
 
 def parse_snapshot_status(params: str) -> SnapshotUsage:

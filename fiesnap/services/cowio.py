@@ -14,10 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from fiesnap.errors import StoreFormatError
 from fiesnap.kernel.directio import AlignedBuffer, DirectDevice
 from fiesnap.model.exstore import ExceptionTable, read_exception_table, scan_frontier
 from fiesnap.model.merge_plan import MergePlan, plan_merge
 from fiesnap.model.record import CheckpointRecord
+from fiesnap.model.seeding import plan_seeding
 
 MAX_RUN_CHUNKS_BYTES = 1 << 20
 
@@ -39,11 +41,26 @@ def _chunk_reader(cow_node: str, record: CheckpointRecord) -> Iterator[Callable[
 
 
 def read_table(cow_node: str, record: CheckpointRecord) -> ExceptionTable:
-    """Read and fully validate the exception table; raises StoreFormatError."""
+    """Read and fully validate the exception table; raises StoreFormatError.
+
+    A free-aware store's table must open with exactly the seeded entries its
+    recorded free-space map gives (model/seeding.py); only the others are returned.
+    """
+    seeded = {}
+    layout = record.seed_layout
+    if layout is not None:
+        plan = plan_seeding(record.free_map, layout)
+        if plan.count != record.seeded_chunks:
+            raise StoreFormatError(
+                f"snapshot store of {record.name!r}: the recorded free-space map gives {plan.count} "
+                f"seeded chunks, the record says {record.seeded_chunks}: the record is damaged; "
+                "rollback is impossible; current data was not touched")
+        seeded = dict(seeded=plan.entries, seeded_old=plan.chosen, data_start=layout.data_start,
+                      is_backed=record.cow.is_backed)
     with _chunk_reader(cow_node, record) as read_chunk:
         return read_exception_table(read_chunk, cow_chunks=record.cow.total_chunks,
                                     origin_chunks=record.origin_chunks,
-                                    chunk_bytes=record.chunk_bytes)
+                                    chunk_bytes=record.chunk_bytes, **seeded)
 
 
 def read_frontier(cow_node: str, record: CheckpointRecord) -> int | None:

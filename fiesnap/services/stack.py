@@ -9,7 +9,9 @@ Order matters, and each step guards against a measured trap:
 1. map the store (`NAME-cow`) straight onto DEVICE, never through the origin,
    so store writes are not copied again;
 2. zero the header chunk through `NAME-cow`: the store's blocks hold old data
-   and a leftover valid header would make the kernel load stale exceptions;
+   and a leftover valid header would make the kernel load stale exceptions
+   (a free-aware store gets its whole seeded table written instead, header
+   included: model/seeding.py);
 3. load and resume the snapshot;
 4. only then resume the origin: snapshot-origin computes the size at which it
    splits writes when it resumes, from the snapshots that exist then. Resumed
@@ -24,12 +26,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
-from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, RefusedError
+from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, FilesystemError, RefusedError
 from fiesnap.kernel import blockdev
-from fiesnap.kernel.directio import zero_range
+from fiesnap.kernel.directio import write_chunks, zero_range
 from fiesnap.kernel.libdm import UDEV_FLAGS_PRIVATE_LAYER, UDEV_LOW_PRIORITY
 from fiesnap.model.dmtable import DmTarget, linear, snapshot, snapshot_origin
 from fiesnap.model.record import CheckpointRecord
+from fiesnap.model.seeding import SeedPlan, plan_seeding
 from fiesnap.model.snapstatus import SnapshotUsage, parse_snapshot_status
 from fiesnap.model.units import SECTOR_BYTES
 from fiesnap.services.cowio import read_frontier
@@ -93,11 +96,15 @@ def passthrough_targets(record: CheckpointRecord) -> list[DmTarget]:
 
 
 def build_store_layers(dm, record: CheckpointRecord, *, zero_header: bool,
-                       log: Callable[[str], None] = lambda s: None) -> list[str]:
+                       log: Callable[[str], None] = lambda s: None,
+                       snapshot_later: bool = False) -> list[str]:
     """Create cow -> (zero header) -> snapshot; unwind them on failure. Returns what was made.
 
     `zero_header` is True only when the checkpoint starts: rebuilding an existing
-    checkpoint must never wipe its store.
+    checkpoint must never wipe its store. A free-aware store then gets its seeded
+    table from the record's free map instead. With `snapshot_later`, NAME-snap is
+    made without a table (an online free-aware start loads it inside the freeze,
+    `load_seeded_snapshot`).
     """
     names = StackNames.for_name(record.name)
     created: list[str] = []
@@ -107,10 +114,22 @@ def build_store_layers(dm, record: CheckpointRecord, *, zero_header: bool,
                         targets=cow_targets(record), udev_flags=HIDDEN)
         created.append(names.cow)
         log(f"mapped store as {names.cow} ({cow.major}:{cow.minor})")
-        if zero_header:
+        if zero_header and record.free_aware and not snapshot_later:
+            plan = seed_store(dm, record, record.free_map)
+            if plan.count != record.seeded_chunks:
+                raise FilesystemError(
+                    f"internal check failed: the free map seeds {plan.count} chunks, "
+                    f"the record says {record.seeded_chunks}")
+            log(f"wrote {plan.count} seeded exceptions ({record.seeded_areas} metadata areas) "
+                "through the COW device")
+        elif zero_header:
             zero_range(dm.node_path(names.cow), 0, record.chunk_bytes,
                        expect_rdev=os.makedev(cow.major, cow.minor))
             log("zeroed the store header chunk through the COW device")
+        if snapshot_later:
+            dm.create(names.snap, uuid=dm_uuid(record.checkpoint_id, "snap"))
+            created.append(names.snap)
+            return created
         snap = dm.create(names.snap, uuid=dm_uuid(record.checkpoint_id, "snap"),
                          targets=snapshot_targets(record, f"{cow.major}:{cow.minor}"),
                          read_only=True, udev_flags=CHECKPOINT_VIEW)
@@ -122,6 +141,37 @@ def build_store_layers(dm, record: CheckpointRecord, *, zero_header: bool,
             raise DeviceMapperError(f"building the checkpoint stack failed: {e}") from e
         raise
     return created
+
+
+def seed_store(dm, record: CheckpointRecord, free_map) -> SeedPlan:
+    """Write a free-aware store's header and seeded table for `free_map` through NAME-cow.
+
+    Must run before NAME-snap's table is loaded: the kernel reads the table then.
+    """
+    layout = record.seed_layout
+    if layout is None:
+        raise ValueError("not a free-aware store")
+    names = StackNames.for_name(record.name)
+    plan = plan_seeding(free_map, layout, store=record.cow.store_chunks())
+    if plan.count == 0:
+        raise FilesystemError(
+            f"the filesystem on {record.device} has no whole {record.chunk_bytes}-byte chunk of free "
+            "space left to seed: free some space, or start with --plain")
+    info = dm.info(names.cow)
+    write_chunks(dm.node_path(names.cow), plan.metadata(), record.chunk_bytes,
+                 expect_rdev=os.makedev(info.major, info.minor))
+    return plan
+
+
+def load_seeded_snapshot(dm, record: CheckpointRecord, free_map):
+    """Inside an online start's freeze: seed the store for the checkpoint-time `free_map`
+    and load NAME-snap (made empty by build_store_layers). Returns (plan, the resume's
+    udev confirmation, to be awaited after the thaw)."""
+    names = StackNames.for_name(record.name)
+    plan = seed_store(dm, record, free_map)
+    cow = dm.info(names.cow)
+    dm.load(names.snap, snapshot_targets(record, f"{cow.major}:{cow.minor}"), read_only=True)
+    return plan, dm.resume_frozen(names.snap, udev_flags=CHECKPOINT_VIEW)
 
 
 def build_stack(dm, record: CheckpointRecord, *, zero_header: bool,
@@ -354,7 +404,7 @@ def snapshot_usage(dm, record: CheckpointRecord) -> SnapshotUsage:
     """
     names = StackNames.for_name(record.name)
     lines = dm.status(names.snap)
-    usage = parse_snapshot_status(lines[0][3] if lines else "Invalid")
+    usage = parse_snapshot_status(lines[0][3] if lines else "Invalid").backed(record.store_bytes)
     if usage.state != "invalid":
         return usage
     total = record.cow.total_chunks
