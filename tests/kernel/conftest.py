@@ -91,6 +91,17 @@ def pytest_report_header(config):
             f"shard {shard}")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--store", choices=("default", "plain", "free-aware"), default="default",
+                     help="the store `fiesnap start` makes when a test does not ask for one")
+
+
+def pytest_configure(config):
+    mode = config.getoption("--store")
+    if mode != "default":
+        os.environ[h.STORE_ENV] = mode
+
+
 def pytest_collection_modifyitems(config, items):
     ours = [i for i in items if _ours(i)]
     if not h.in_lab():

@@ -301,6 +301,21 @@ AFTER_WRITES = ("fiesnap.kernel.directio", "DirectDevice", "write_from")
 AFTER_SUSPENDS = ("fiesnap.kernel.dm", "DeviceMapper", "suspend")
 
 
+#: The store `fiesnap start` makes when a test does not ask for one: unset (fiesnap's default),
+#: "plain" or "free-aware". Set by the suite's `--store` option (tests/kernel/conftest.py), so
+#: that the whole suite can run against either store.
+STORE_ENV = "FIESNAP_TEST_STORE"
+
+
+def with_store_mode(args: Sequence[object]) -> list[str]:
+    """`args` with --plain/--free-aware added to a `start` that names neither."""
+    out = [str(a) for a in args]
+    mode = os.environ.get(STORE_ENV, "")
+    if mode and out and out[0] == "start" and not {"--plain", "--free-aware"} & set(out):
+        out.append(f"--{mode}")
+    return out
+
+
 def run_fiesnap(*args: object, state_dir: str | os.PathLike, check: bool = False,
                 env: Mapping[str, str] | None = None, timeout: float | None = 600,
                 input: str | None = None, kill_after_writes: int | None = None,
@@ -313,7 +328,8 @@ def run_fiesnap(*args: object, state_dir: str | os.PathLike, check: bool = False
     kill_after: ((module, class, method), N): SIGKILL it right after the N-th call of that method
     (class "": a function of the module).
     """
-    argv = [sys.executable, "-m", "fiesnap", *[str(a) for a in args]]
+    args = tuple(with_store_mode(args))
+    argv = [sys.executable, "-m", "fiesnap", *args]
     if kill_after_writes is not None:
         kill_after = (AFTER_WRITES, kill_after_writes)
     if kill_after is not None:

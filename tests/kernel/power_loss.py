@@ -101,9 +101,9 @@ def boot1() -> int:
         writer.wait_for(n1 + 10)
         writer.stop()
         rec = sc.load_record(STATE, name)
-        image = device_digest(f"/dev/mapper/{name}-snap", rec.store_ranges)
+        image = device_digest(f"/dev/mapper/{name}-snap", rec.outside_checkpoint)
         carry(name, {"before": before, "n0": n0, "n1": n1, "image": image,
-                     "store_ranges": rec.store_ranges, "checkpoint_id": rec.raw["checkpoint_id"]})
+                     "store_ranges": rec.outside_checkpoint, "checkpoint_id": rec.raw["checkpoint_id"]})
         sc.churn(mnt)
         say(f"{name}: checkpoint {rec.raw['checkpoint_id'][:8]} taken with writer files {n0}..{n1}, churned")
     os.sync()

@@ -15,6 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from fiesnap.model.seeding import SeedLayout, plan_seeding
+
 from .helpers import MiB, device_digest, fsck_clean, make_fs, tree_digest
 
 
@@ -90,6 +92,27 @@ class Record:
         return [(p, n) for _l, p, n, _f in self.raw["store_extents"]]
 
     @property
+    def outside_checkpoint(self) -> list[tuple[int, int]]:
+        """Byte ranges a rollback need not bring back: the store file's blocks and, for a
+        free-aware store, the chunks it seeded (free at the checkpoint: a write there is not
+        copied, so after a rollback they hold whatever was written since). The seeded chunks
+        come from the record's free map; tests/kernel/test_free_aware.py checks them against
+        a free map of its own."""
+        chunk = self.raw["chunk_bytes"]
+        seeded = []
+        if self.raw.get("seeded_areas"):
+            plan = plan_seeding(self.raw["free_map"], SeedLayout(chunk, self.raw["seeded_areas"]))
+            seeded = [(r.start * chunk, r.count * chunk) for r in plan.chosen.runs]
+        return self.store_ranges + seeded
+
+    @property
+    def fresh_used_bytes(self) -> int:
+        """What status reports as used for a store nothing was saved in yet: the header and
+        metadata area 0 (plain), or the header, the seeded areas and the first area after
+        them (free-aware)."""
+        return (2 + self.raw.get("seeded_areas", 0)) * self.raw["chunk_bytes"]
+
+    @property
     def first_cow_chunk_offset(self) -> int:
         seg = self.raw["cow_table"]["segments"][0]
         return seg["phys_start"] * self.raw["chunk_bytes"]
@@ -110,7 +133,7 @@ def prepare(lab, kind, name="cp", size="48M", with_files=True):
     lab.umount()
     lab.fiesnap("start", lab.disk, "--size", size, "--name", name)
     rec = load_record(lab.state, name)
-    return before, rec, device_digest(lab.disk, rec.store_ranges)
+    return before, rec, device_digest(lab.disk, rec.outside_checkpoint)
 
 
 def churn_through(lab, name="cp", seed=2):

@@ -36,7 +36,7 @@ def test_rollback_is_exact(lab, kind):
     before, rec, image = sc.prepare(lab, kind)
     st = lab.status("cp")
     assert st["state"] == "active" and st["chunk_bytes"] == 4096
-    assert st["used_bytes"] == 2 * 4096, "a fresh store holds only the header and one metadata area"
+    assert st["used_bytes"] == rec.fresh_used_bytes, "a fresh store holds only its header and metadata"
 
     assert sc.churn_through(lab) != before
     used = lab.status("cp")["used_bytes"]
@@ -45,7 +45,7 @@ def test_rollback_is_exact(lab, kind):
     out = json.loads(lab.fiesnap("merge", "cp", "--keep-store", "--json").stdout)
     assert out["chunks"] > 0 and out["bytes_copied"] == out["chunks"] * 4096
     # Byte level: the whole device equals its checkpoint-time image outside the store's blocks.
-    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) == []
+    assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) == []
     ok, log = fsck_clean(lab.disk, kind)
     assert ok, log
     lab.mount(lab.disk, ro=True)
@@ -83,11 +83,11 @@ def test_stale_store_header_is_never_loaded(lab):
     second = sc.load_record(lab.state, "two")
     assert second.first_cow_chunk_offset == first.first_cow_chunk_offset, (
         "precondition: the new store reuses the old store's blocks")
-    assert lab.status("two")["used_bytes"] == 2 * 4096, "stale exceptions were loaded"
-    image = device_digest(lab.disk, second.store_ranges)
+    assert lab.status("two")["used_bytes"] == second.fresh_used_bytes, "stale exceptions were loaded"
+    image = device_digest(lab.disk, second.outside_checkpoint)
     sc.churn_through(lab, "two", seed=9)
     lab.fiesnap("merge", "two", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, second.store_ranges), image) == []
+    assert differing_mib(device_digest(lab.disk, second.outside_checkpoint), image) == []
     lab.mount(lab.disk, ro=True)
     assert tree_digest(lab.mnt) == before
     lab.umount()
@@ -105,7 +105,7 @@ def test_large_write_saves_every_chunk(lab):
     grown = lab.status("cp")["used_bytes"] - used0
     assert grown >= MiB, f"only {grown} bytes saved for a 1 MiB overwrite"
     lab.fiesnap("merge", "cp", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) == []
+    assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) == []
 
 
 def test_killed_merge_rerun_is_exact(lab):
@@ -114,10 +114,10 @@ def test_killed_merge_rerun_is_exact(lab):
     p = lab.fiesnap("merge", "cp", "--keep-store", check=False, kill_after_writes=3)
     assert p.returncode == -9, (p.returncode, p.stderr)
     assert sc.load_record(lab.state, "cp").raw["phase"] == "merging"
-    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) != [], (
+    assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) != [], (
         "the kill came part-way: the device is not yet the checkpoint")
     lab.fiesnap("merge", "cp", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) == []
+    assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) == []
     ok, log = fsck_clean(lab.disk, "ext4-4k")
     assert ok, log
     lab.mount(lab.disk, ro=True)
@@ -185,18 +185,18 @@ def test_merge_refuses_a_mount_in_another_mount_namespace(lab):
         stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "mounted"
-        changed = device_digest(lab.disk, rec.store_ranges)
+        changed = device_digest(lab.disk, rec.outside_checkpoint)
         p = lab.fiesnap("merge", "cp", check=False)
         assert p.returncode == 7 and "mount namespace of pid" in p.stderr, (p.returncode, p.stderr)
         assert p.stderr.count("\n") == 1, p.stderr
         assert sc.load_record(lab.state, "cp").raw["phase"] == "active"
         assert lab.status("cp")["state"] == "active"
-        assert device_digest(lab.disk, rec.store_ranges) == changed, "a refused merge wrote to the device"
+        assert device_digest(lab.disk, rec.outside_checkpoint) == changed, "a refused merge wrote to the device"
     finally:
         other.kill()
         other.wait()
     lab.fiesnap("merge", "cp", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) == []
+    assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) == []
 
 
 def test_a_resumed_merge_refuses_a_disk_with_another_checkpoints_store(lab, scratch_disks):
@@ -234,7 +234,7 @@ def test_a_resumed_merge_refuses_a_disk_with_another_checkpoints_store(lab, scra
         with open(path, "w") as f:
             f.write(good)
     lab.fiesnap("merge", "cp", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) == []
+    assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) == []
 
 
 _SECOND_READ_REFUSED = """
@@ -260,14 +260,14 @@ def test_a_merge_refused_before_its_first_write_leaves_a_checkpoint_that_can_be_
     checkpoint back."""
     before, rec, image = sc.prepare(lab, "ext4-4k")
     sc.churn_through(lab)
-    changed = device_digest(lab.disk, rec.store_ranges)
+    changed = device_digest(lab.disk, rec.outside_checkpoint)
     p = subprocess.run([sys.executable, "-c", _SECOND_READ_REFUSED, "merge", "cp"],
                        capture_output=True, text=True, env=dict(os.environ, FIESNAP_STATE_DIR=lab.state))
     assert p.returncode == 8 and "injected on the second read" in p.stderr, (p.returncode, p.stderr)
     assert "fiesnap activate cp" in p.stderr, p.stderr
     assert sc.load_record(lab.state, "cp").raw["phase"] == "active"
-    assert device_digest(lab.disk, rec.store_ranges) == changed
+    assert device_digest(lab.disk, rec.outside_checkpoint) == changed
     lab.fiesnap("activate", "cp")
     assert lab.status("cp")["state"] == "active"
     lab.fiesnap("merge", "cp", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, rec.store_ranges), image) == []
+    assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) == []

@@ -200,11 +200,14 @@ def record_run(disk_a, disk_b, disk_d, tmp_path, dm_prefix):
 
 
 def _store_ranges(rec: cr.Recording) -> list[tuple[int, int]]:
-    """Every byte range any record gave the store file (the extended map included)."""
+    """Every byte range any record gave the store file (the extended map included), and the
+    chunks a free-aware store seeded (free at the checkpoint: writes there are not copied)."""
     out = set()
     for s in rec.saves:
         if s.record:
             out.update((p, n) for _l, p, n, _f in s.record.get("store_extents") or [])
+            if s.record.get("seeded_chunks"):
+                out.update(sc.Record(s.record).outside_checkpoint)
     return sorted(out)
 
 

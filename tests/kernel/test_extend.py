@@ -46,8 +46,8 @@ def _store_blocks(first: sc.Record, last: sc.Record) -> list[tuple[int, int]]:
     are NOT excluded: they must come back with their checkpoint data."""
     chunk = last.raw["chunk_bytes"]
     mapped = [(s["phys_start"] * chunk, s["count"] * chunk)
-              for s in last.raw["cow_table"]["segments"] if s["phys_start"] is not None]
-    return first.store_ranges + mapped
+              for s in last.raw["cow_table"]["segments"] if s.get("kind", "linear") == "linear"]
+    return first.outside_checkpoint + mapped
 
 
 def _rollback_is_exact(lab, first: sc.Record, before: dict, kind: str) -> None:

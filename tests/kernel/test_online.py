@@ -67,14 +67,14 @@ def test_online_start_under_writer_then_rollback_is_exact(lab, tmp_path, kind, b
     assert st["state"] == "active" and st["mounted_on"] == [lab.mnt]
     # No write was lost: every file the writer finished, before, during or after start, is intact.
     assert sc.writer_files(lab.mnt) == list(range(finished))
-    checkpoint = device_digest("/dev/mapper/cp-snap", rec.store_ranges)  # the checkpoint view
+    checkpoint = device_digest("/dev/mapper/cp-snap", rec.outside_checkpoint)  # the checkpoint view
 
     sc.churn(lab.mnt)
     lab.umount()
     out = json.loads(lab.fiesnap("merge", "cp", "--keep-store", "--json").stdout)
     assert out["chunks"] > 0 and not out["store_removed"]
     # Byte level: the device equals the checkpoint view outside the store file's blocks.
-    assert differing_mib(device_digest(lab.disk, rec.store_ranges), checkpoint) == []
+    assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), checkpoint) == []
     sc.assert_fsck_clean(lab, "/dev/mapper/cp", kind)
     st = lab.status("cp")
     assert st["state"] == "passthrough" and st["checkpoint_id"] is None
@@ -127,7 +127,7 @@ def test_deactivate_then_activate_keeps_the_checkpoint(lab):
     before = tree_digest(lab.mnt)
     lab.fiesnap("start", "cp", "--size", "48M")
     rec = sc.load_record(lab.state, "cp")
-    checkpoint = device_digest("/dev/mapper/cp-snap", rec.store_ranges)
+    checkpoint = device_digest("/dev/mapper/cp-snap", rec.outside_checkpoint)
     sc.churn(lab.mnt)
     lab.umount()
     used = lab.status("cp")["used_bytes"]
@@ -147,7 +147,7 @@ def test_deactivate_then_activate_keeps_the_checkpoint(lab):
     sc.churn(lab.mnt, seed=5)
     lab.umount()
     lab.fiesnap("merge", "cp", "--keep-store")
-    assert differing_mib(device_digest(lab.disk, rec.store_ranges), checkpoint) == []
+    assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), checkpoint) == []
     lab.mount("/dev/mapper/cp", ro=True)
     assert tree_digest(lab.mnt) == before
     lab.umount()
