@@ -7,6 +7,9 @@
 #   make demo    same setup, then the demo script in a lab guest
 #   make lab     setup only
 #   make unit / kernel-tests / lab-selftest / udev-tests / power-cut-tests    one part of `make test`
+#   make kernel-tests-plain   the real-kernel suite with every `fiesnap start` that does not name
+#                a store making a plain one (`make test` runs it with the default, free-aware
+#                store; the dm-snapshot trap tests and the power cuts run both stores there)
 #   make crash-replay   crash consistency: record fiesnap's whole online sequence with dm-log-writes,
 #                replay FIESNAP_CRASH_POINTS (default 120; 0 = every point) crash points in a lab
 #                guest (tests/kernel/test_crash_replay.py); not part of `make test`, which replays
@@ -46,7 +49,7 @@ FIESNAP_CRASH_POINTS ?= 120
 CRASH_REPLAY := $(VPY) -m tests.lab kernel-tests --shards 1 $(LAB_ARGS) -- -p tests.kernel.crash_replay \
 	--crash-points $(FIESNAP_CRASH_POINTS) tests/kernel/test_crash_replay.py
 
-.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests lab-selftest udev-tests power-cut-tests crash-replay bench clean-lab
+.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests kernel-tests-plain lab-selftest udev-tests power-cut-tests crash-replay bench clean-lab
 
 lab: sysdeps venv kernel udev
 
@@ -78,6 +81,9 @@ unit: venv
 
 kernel-tests: lab
 	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS)
+
+kernel-tests-plain: lab
+	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- --store plain $(KERNEL_TEST_ARGS)
 
 lab-selftest: lab
 	$(LAB_SELFTEST)
@@ -116,6 +122,7 @@ bench: lab
 	  $(VPY) -m tests.lab script benchmarks/$$b.py --disks 1 --disk-size 3G --timeout 1500 || rc=$$?; \
 	done; \
 	$(VPY) -m tests.lab script benchmarks/bow_bench.py --disks 3 --disk-size 1G --timeout 1500 || rc=$$?; \
+	$(VPY) -m tests.lab script benchmarks/free_aware_bench.py --disks 1 --disk-size 86G --timeout 1800 || rc=$$?; \
 	exit $$rc
 
 demo: lab

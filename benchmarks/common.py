@@ -20,6 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from fiesnap.kernel.dm import DeviceMapper  # noqa: E402
+from fiesnap.model.record import CheckpointRecord  # noqa: E402
 from fiesnap.model.snapstatus import parse_snapshot_status  # noqa: E402
 
 MiB = 1 << 20
@@ -60,7 +61,8 @@ class Fiesnap:
 
     def __init__(self, state_dir: str):
         self.state_dir = state_dir
-        os.makedirs(state_dir, exist_ok=True)
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.chmod(state_dir, 0o700)  # fiesnap trusts a state folder only root can enter
         self.env = dict(os.environ, FIESNAP_STATE_DIR=state_dir)
         self.calls: list[tuple[str, float]] = []
 
@@ -82,16 +84,21 @@ class Fiesnap:
 
 
 class Usage:
-    """The kernel's snapshot status read in-process (one ioctl, no python start)."""
+    """The kernel's snapshot status read in-process (one ioctl, no python start), in the
+    store's backed bytes as `fiesnap status` reports them (a free-aware store's COW address
+    space is mostly holes). `record` reads the checkpoint's record (its map can grow)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, record=None):
         self.snap = f"{name}-snap"
         self.dm = DeviceMapper()
+        self.record = record
 
     def __call__(self) -> tuple[str, int, int]:
         """(state, used bytes, store bytes); used/store are 0 when not active."""
         lines = self.dm.status(self.snap)
         u = parse_snapshot_status(lines[0].params if lines else "Invalid")
+        if self.record is not None and u.total_bytes:
+            u = u.backed(CheckpointRecord.from_dict(self.record()).store_bytes)
         return u.state, u.used_bytes or 0, u.total_bytes or 0
 
 

@@ -242,18 +242,18 @@ def run_round(fs: Fiesnap, peer: str, args, sets: dict[str, dict]) -> dict:
     target and the control set interleaved, commit."""
     dev = f"/dev/mapper/{NAME}"
     if peer == "A":
-        fs("start", NAME, "--size", args.small)
+        fs("start", NAME, "--size", args.small, "--plain")
         at_load = cow_chunks(fs.record(NAME))
         t0 = time.monotonic()
         fs("extend", NAME, "--to", args.store)
         extend_s = time.monotonic() - t0
     else:
-        fs("start", NAME, "--size", args.store)
+        fs("start", NAME, "--size", args.store, "--plain")  # the kernel hash of a plain store
         at_load = cow_chunks(fs.record(NAME))
         extend_s = None
     rec = fs.record(NAME)
     complete, pending = hash_sizes(at_load)
-    usage = Usage(NAME)
+    usage = Usage(NAME, lambda: fs.record(NAME))
     st0 = usage()
     log(f"peer {peer}: COW chunks at load {at_load} -> {complete} buckets (pending {pending}); "
         f"store now {cow_chunks(rec)} chunks")

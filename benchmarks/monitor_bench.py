@@ -193,8 +193,8 @@ def analyse_growth(lines: list[tuple[float, str]], samples: list[dict]) -> list[
 
 def trial(fs: Fiesnap, data: str, rate: float, total_mib: int) -> dict:
     log(f"trial R={rate:g} MiB/s: start {NAME} --size {START_SIZE}")
-    fs("start", NAME, "--size", START_SIZE)
-    usage = Usage(NAME)
+    fs("start", NAME, "--size", START_SIZE, "--plain")  # new files must fill the store
+    usage = Usage(NAME, lambda: fs.record(NAME))
     mon = MonitorProc(fs)
     first_poll = mon.wait_first_poll()
     samples, t0 = paced_writer(data, rate, total_mib, usage)
@@ -242,7 +242,7 @@ def extend_peer(fs: Fiesnap, data: str, reps: int) -> dict:
     from fiesnap.kernel.dm import DeviceMapper
 
     log("peer: fiesnap extend --by 32M")
-    fs("start", NAME, "--size", START_SIZE)
+    fs("start", NAME, "--size", START_SIZE, "--plain")  # new files must fill the store
     overwrite_direct(data, 4 * MiB)
     cli, inproc, polls, pystart = [], [], [], []
     for _ in range(reps):

@@ -15,7 +15,7 @@ Log = Callable[[str], None]
 
 DEFAULT_CHUNK_BYTES = 4096
 #: `start` makes a free-aware store unless told --plain (model/seeding.py).
-DEFAULT_FREE_AWARE = False
+DEFAULT_FREE_AWARE = True
 MIN_CHUNK_BYTES = 4096
 MAX_CHUNK_BYTES = 512 * 1024
 

@@ -15,14 +15,18 @@ frozen:
     -> load snapshot-origin into NAME -> freeze -> free-space map ->
     suspend NAME (no second freeze) -> resume NAME -> thaw
 
-A free-aware store (the default; model/seeding.py) seeds one exception per
-chunk free at the checkpoint, so its table depends on the free-space map of
-the checkpoint moment. Offline that is the map read before the unmount;
-online it is read inside the freeze, and the table is written and NAME-snap
-loaded there too (NAME-snap is made without a table beforehand):
+A free-aware store (model/seeding.py) seeds one exception per chunk free at
+the checkpoint, so its table depends on the free-space map of the checkpoint
+moment. Offline that is the map read before the unmount. Online, the table
+is written before the freeze from a map read then, and corrected inside the
+freeze for the map read there: a chunk allocated in between keeps its slot
+as a real exception, with its checkpoint content copied into the store. So
+the window holds no table write but those few, and NAME-snap (made without a
+table beforehand) is loaded inside it, once the table is final:
 
-    ... -> freeze -> free-space map -> write seeded table through NAME-cow
-    -> load + resume NAME-snap -> suspend NAME -> resume NAME -> thaw
+    ... -> free-space map, seeded table written through NAME-cow -> freeze
+    -> free-space map -> correct the table -> load + resume NAME-snap
+    -> suspend NAME -> resume NAME -> thaw
 
 The number of seeded areas (the store's layout, which its identity block
 hashes) is fixed before the store file is made, from the free space then,
@@ -68,7 +72,9 @@ from fiesnap.services.stack import (
     StackNames,
     build_stack,
     build_store_layers,
-    load_seeded_snapshot,
+    correct_seeded_store,
+    load_snapshot_frozen,
+    seed_store,
     passthrough_targets,
     reload_as_passthrough,
     snapshot_store_type,
@@ -360,12 +366,21 @@ def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore, l
 def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log) -> CheckpointRecord:
     """Build cow + snapshot, switch NAME to snapshot-origin while frozen, record the free map.
 
-    A free-aware store's NAME-snap gets its table inside the freeze, once the
-    seeded table for the checkpoint-time free map is written."""
+    A free-aware store's table is written first, from the free map then; inside the
+    freeze it is corrected for the checkpoint-time map and NAME-snap loaded."""
     seeded = record.free_aware
     made = build_store_layers(dm, record, zero_header=True, log=log, snapshot_later=seeded)
     spans: list[float] = []
     owed: list = []  # NAME-snap's udev confirmation, awaited after the thaw
+    try:
+        prepared_map = free_space(mnt) if seeded else []
+        prepared = seed_store(dm, record, prepared_map) if seeded else None
+    except BaseException:
+        unwind(dm, made)
+        raise
+    if prepared is not None:
+        log(f"wrote {prepared.count} seeded exceptions ({record.seeded_areas} metadata areas); "
+            "the freeze corrects them for what is allocated by then")
 
     @contextmanager
     def window():
@@ -379,15 +394,15 @@ def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log)
 
     def at_checkpoint():
         free = free_space(mnt)
-        if not seeded:
-            return free, 0
-        plan, pending = load_seeded_snapshot(dm, record, free)
-        owed.append(pending)
-        return free, plan.count
+        if prepared is None:
+            return free, None
+        plan = correct_seeded_store(dm, record, prepared, free)
+        owed.append(load_snapshot_frozen(dm, record))
+        return free, plan
 
     try:
         try:
-            free, count = switch_to_origin(dm, record, window, at_checkpoint)
+            free, plan = switch_to_origin(dm, record, window, at_checkpoint)
         finally:
             for pending in owed:
                 pending.finish()
@@ -396,14 +411,16 @@ def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log)
         unwind(dm, made)
         raise
     try:
-        active = built_now(record.with_free_map(free, frozen_seconds=round(frozen_s, 3),
-                                                seeded_chunks=count).with_phase("active"))
+        active = built_now(record.with_free_map(
+            free, frozen_seconds=round(frozen_s, 3), seeded_chunks=plan.count if plan else 0,
+            seed_map=prepared_map if plan else ()).with_phase("active"))
         state.save(active)
     except BaseException:
         reload_as_passthrough(dm, record)
         unwind(dm, made)
         raise
-    if seeded:
-        log(f"seeded {count} free chunks inside the freeze")
+    if plan is not None:
+        log(f"{plan.count} free chunks seeded; {len(plan.converted)} allocated before the freeze "
+            "were saved instead")
     log(f"switched /dev/mapper/{record.name} to snapshot-origin; filesystem frozen {frozen_s:.2f}s")
     return active

@@ -142,6 +142,7 @@ def read_exception_table(
     seeded_old: ChunkSet | None = None,
     data_start: int = FIRST_DATA_CHUNK,
     is_backed: Callable[[int], bool] = lambda n: True,
+    converted: Sequence[tuple[int, int]] = (),
 ) -> ExceptionTable:
     """Read and fully validate the store, walking it like read_exceptions().
 
@@ -161,7 +162,9 @@ def read_exception_table(
     origin chunks), `data_start` (where its data space starts) and
     `is_backed`: the table must open with exactly those entries, and every
     other entry must name a backed data chunk and an origin chunk with no
-    seeded entry. Only the other entries are returned.
+    seeded entry. Only the other entries are returned, with `converted` first:
+    entries inside `seeded` that are real exceptions (model/seeding.py,
+    correct_seeding), checked like any other.
     """
     require_chunk_bytes(chunk_bytes)
     if len(seeded) % _EXCEPTION.size:
@@ -207,6 +210,26 @@ def read_exception_table(
     entries: list[CowException] = []
     seen_old: set[int] = set()
     seen_new: set[int] = set()
+
+    def check(old: int, new: int, where: str) -> None:
+        if old >= origin_chunks:
+            raise _refuse(f"{where}: origin chunk beyond the device's {origin_chunks}")
+        if new < data_start or new >= cow_chunks:
+            raise _refuse(f"{where}: COW chunk outside {data_start}..{cow_chunks - 1}")
+        if (new - HEADER_CHUNKS) % stride == 0:
+            raise _refuse(f"{where}: COW chunk is a metadata area")
+        if not is_backed(new):
+            raise _refuse(f"{where}: COW chunk is not backed by the store")
+        if old in seen_old or old in seeded_old:
+            raise _refuse(f"{where}: origin chunk listed twice")
+        if new in seen_new:
+            raise _refuse(f"{where}: COW chunk used twice")
+        seen_old.add(old)
+        seen_new.add(new)
+        entries.append(CowException(old, new))
+
+    for old, new in converted:
+        check(old, new, f"has a bad converted entry (origin chunk {old} -> COW chunk {new})")
     area = 0
     read = 0
     full = True
@@ -238,25 +261,7 @@ def read_exception_table(
             if new == 0:  # end of table, as in insert_exceptions()
                 full = False
                 break
-            where = (
-                f"has a bad entry (area {area}, slot {i}: "
-                f"origin chunk {old} -> COW chunk {new})"
-            )
-            if old >= origin_chunks:
-                raise _refuse(f"{where}: origin chunk beyond the device's {origin_chunks}")
-            if new < data_start or new >= cow_chunks:
-                raise _refuse(f"{where}: COW chunk outside {data_start}..{cow_chunks - 1}")
-            if (new - HEADER_CHUNKS) % stride == 0:
-                raise _refuse(f"{where}: COW chunk is a metadata area")
-            if not is_backed(new):
-                raise _refuse(f"{where}: COW chunk is not backed by the store")
-            if old in seen_old or old in seeded_old:
-                raise _refuse(f"{where}: origin chunk listed twice")
-            if new in seen_new:
-                raise _refuse(f"{where}: COW chunk used twice")
-            seen_old.add(old)
-            seen_new.add(new)
-            entries.append(CowException(old, new))
+            check(old, new, f"has a bad entry (area {area}, slot {i}: origin chunk {old} -> COW chunk {new})")
         area += 1
 
     next_free = max(data_start, max(seen_new, default=0) + 1)
@@ -265,8 +270,27 @@ def read_exception_table(
         entries=tuple(entries),
         areas_read=area,
         next_free=_skip_metadata(next_free, stride),
-        seeded=n_seeded,
+        seeded=n_seeded - len(converted),
     )
+
+
+def check_seeded_areas(read_chunk: Callable[[int], bytes], *, seeded: bytes, chunk_bytes: int) -> None:
+    """Refuse a store whose seeded entries are not exactly `seeded` (the bytes the checkpoint's
+    free map gives). Before the kernel loads a free-aware store again: it would never copy a
+    chunk a forged seeded entry names, so the check must come before the load, not only at
+    the merge. Reads only the seeded areas; the rest is the merge's to validate."""
+    require_chunk_bytes(chunk_bytes)
+    stride = chunk_bytes // _EXCEPTION.size + 1
+    for area, off in enumerate(range(0, len(seeded), chunk_bytes)):
+        want = seeded[off:off + chunk_bytes]
+        got = read_chunk(HEADER_CHUNKS + stride * area)[:len(want)]
+        if got != want:
+            slot = next(i for i in range(0, len(want), 16) if got[i:i + 16] != want[i:i + 16]) // 16
+            old, new = _EXCEPTION.unpack_from(got, slot * 16) if len(got) >= slot * 16 + 16 else (0, 0)
+            raise _refuse(
+                f"has a seeded entry that does not match the checkpoint's free-space map "
+                f"(area {area}, slot {slot}: origin chunk {old} -> COW chunk {new}): "
+                "forged or damaged, the kernel would never save that chunk")
 
 
 def encode_store(

@@ -157,6 +157,9 @@ class CheckpointRecord:
     #: store), and how many seeded exceptions the checkpoint-time free map gave.
     seeded_areas: int = 0
     seeded_chunks: int = 0
+    #: the free map the seeded table was prepared from, when it is not `free_map` (an online
+    #: start prepares it before the freeze and corrects it for the checkpoint-time map).
+    seed_map: tuple[tuple[int, int], ...] = ()
 
     # -- queries -----------------------------------------------------------
 
@@ -242,12 +245,14 @@ class CheckpointRecord:
             cow_table=cow, free_map=tuple((s, n) for s, n in free_map), created=created,
             identity_offset=identity_offset, generation=1, previous_identity=None, mode=mode,
             frozen_seconds=None, seal=None, built_boot="", built_at=0, bypass="",
-            seeded_areas=seeded_areas, seeded_chunks=0)
+            seeded_areas=seeded_areas, seeded_chunks=0, seed_map=())
 
     def with_free_map(self, free_map: Iterable[tuple[int, int]], *,
-                      frozen_seconds: float | None = None, seeded_chunks: int = 0) -> CheckpointRecord:
+                      frozen_seconds: float | None = None, seeded_chunks: int = 0,
+                      seed_map: Iterable[tuple[int, int]] = ()) -> CheckpointRecord:
         return replace(self, free_map=tuple((s, n) for s, n in free_map),
-                       frozen_seconds=frozen_seconds, seeded_chunks=seeded_chunks)
+                       frozen_seconds=frozen_seconds, seeded_chunks=seeded_chunks,
+                       seed_map=tuple((s, n) for s, n in seed_map))
 
     def relocated(self, device: str, major: int, minor: int) -> CheckpointRecord:
         """The same device found under another name or number after a reboot."""
@@ -310,6 +315,7 @@ class CheckpointRecord:
             "created": self.created, "identity_offset": self.identity_offset,
             "generation": self.generation, "mode": self.mode, "notes": notes,
             "seeded_areas": self.seeded_areas, "seeded_chunks": self.seeded_chunks,
+            "seed_map": [[s, n] for s, n in self.seed_map],
         }
 
     def to_json(self) -> str:
@@ -444,10 +450,14 @@ class _Parser:
                 raise self.bad("cow_table", f"does not fit its {seeded_areas} seeded areas ({e})") from None
             if seeded_chunks > layout.capacity:
                 raise self.bad("seeded_chunks", f"exceeds what {seeded_areas} areas hold")
-        elif seeded_chunks:
-            raise self.bad("seeded_chunks", "is set for a plain store")
-        elif cow is not None and cow.backed_chunks != cow.total_chunks:
-            raise self.bad("cow_table", "has unbacked stretches, which only a free-aware store has")
+        seed_map = tuple((s, n) for s, n in self.int_list("seed_map", 2))
+        if seed_map and not seeded_areas:
+            raise self.bad("seed_map", "is set for a plain store")
+        if not seeded_areas:
+            if seeded_chunks:
+                raise self.bad("seeded_chunks", "is set for a plain store")
+            if cow is not None and cow.backed_chunks != cow.total_chunks:
+                raise self.bad("cow_table", "has unbacked stretches, which only a free-aware store has")
         return CheckpointRecord(
             name=name, device=device,
             device_major=self.int_("device_major"), device_minor=self.int_("device_minor"),
@@ -468,5 +478,5 @@ class _Parser:
             previous_identity=previous,
             mode=self.str_("mode", "offline", choices=MODES),
             frozen_seconds=frozen, seal=seal, built_boot=built_boot, built_at=built_at, bypass=bypass,
-            seeded_areas=seeded_areas, seeded_chunks=seeded_chunks,
+            seeded_areas=seeded_areas, seeded_chunks=seeded_chunks, seed_map=seed_map,
         )

@@ -42,6 +42,8 @@ its first write, as in a plain store, so seeding less is always safe.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -175,13 +177,27 @@ def choose_seeded(free: ChunkSet, capacity: int) -> ChunkSet:
 
 
 def seeded_entries(chosen: ChunkSet, layout: SeedLayout) -> bytes:
-    """The seeded entries as on disk (16 bytes each), ordered by origin chunk."""
+    """The seeded entries as on disk (16 bytes each), ordered by origin chunk.
+
+    Built run by run with C-level array operations: an online start computes this inside
+    the freeze, for up to MAX_SEEDED_AREAS * chunk_bytes / 16 entries.
+    """
     d = layout.dummy_start
-    pack = _ENTRY.pack
-    parts = [pack(c, d + (c % WINDOW)) for c in chosen]
-    if parts:
-        parts[-1] = pack(chosen.runs[-1].end - 1, d + WINDOW - 1)
-    return b"".join(parts)
+    window = array("Q", range(d, d + WINDOW))
+    out = array("Q")
+    for run in chosen.runs:
+        n = run.count
+        pair = array("Q", bytes(16 * n))
+        pair[0::2] = array("Q", range(run.start, run.end))
+        first = run.start % WINDOW
+        news = window[first:] + window * ((n + first) // WINDOW)
+        pair[1::2] = news[:n]
+        out.extend(pair)
+    if out:
+        out[-1] = d + WINDOW - 1
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out.tobytes()
 
 
 def encode_seeded_store(entries: bytes, layout: SeedLayout) -> dict[int, bytes]:
@@ -239,18 +255,97 @@ def seeded_cow_table(runs: Iterable[ChunkRun], layout: SeedLayout) -> CowTable:
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """The seeded chunks for one checkpoint-time free map, and the metadata to write."""
+    """The seeded chunks for a free map, and the metadata to write.
+
+    A plan made from a map read before the checkpoint (an online start prepares its table
+    before the freeze) is corrected for the checkpoint-time map by `correct_seeding`: its
+    chunks that are no longer free keep their slots, as real exceptions (`converted`) whose
+    data chunks get the chunk's checkpoint content copied in.
+    """
 
     layout: SeedLayout
     chosen: ChunkSet
     entries: bytes
+    converted: tuple[tuple[int, int], ...] = ()  # (origin chunk, data chunk), by origin chunk
 
     @property
     def count(self) -> int:
-        return len(self.entries) // _ENTRY.size
+        """Seeded exceptions (those pointing into the dummy region)."""
+        return len(self.entries) // _ENTRY.size - len(self.converted)
+
+    @property
+    def seeded(self) -> ChunkSet:
+        """The origin chunks with a seeded exception."""
+        if not self.converted:
+            return self.chosen
+        return difference(self.chosen, ChunkSet(ChunkRun(c, 1) for c, _ in self.converted))
 
     def metadata(self) -> dict[int, bytes]:
         return encode_seeded_store(self.entries, self.layout)
+
+    def changed_areas(self) -> dict[int, bytes]:
+        """The metadata area chunks a correction rewrote (with their new bytes)."""
+        cb = self.layout.chunk_bytes
+        areas = sorted({self.slot_of(c) // self.layout.per_area for c, _ in self.converted})
+        return {area_location(a, cb): self.entries[a * cb:(a + 1) * cb].ljust(cb, b"\0") for a in areas}
+
+    def slot_of(self, chunk: int) -> int:
+        """Index of `chunk`'s entry (its rank among the chosen chunks)."""
+        before = 0
+        for r in self.chosen.runs:
+            if r.start <= chunk < r.end:
+                return before + chunk - r.start
+            before += r.count
+        raise ValueError(f"chunk {chunk} was not chosen")
+
+
+def difference(a: ChunkSet, b: ChunkSet) -> ChunkSet:
+    """The chunks of `a` not in `b`, run by run."""
+    out: list[ChunkRun] = []
+    bruns = b.runs
+    j = 0
+    for r in a.runs:
+        start = r.start
+        while j < len(bruns) and bruns[j].end <= start:
+            j += 1
+        k = j
+        while start < r.end:
+            if k < len(bruns) and bruns[k].start < r.end:
+                if bruns[k].start > start:
+                    out.append(ChunkRun(start, bruns[k].start - start))
+                start = max(start, bruns[k].end)
+                k += 1
+            else:
+                out.append(ChunkRun(start, r.end - start))
+                break
+    return ChunkSet(out)
+
+
+def correct_seeding(plan: SeedPlan, free_map: Iterable[tuple[int, int]]) -> SeedPlan:
+    """`plan` (made from an earlier free map) for the checkpoint-time `free_map`.
+
+    A chunk allocated in between would otherwise keep a seeded exception and never be
+    saved. Its entry keeps its slot (no later entry moves, so only the areas holding such
+    entries change) and points at a data chunk instead, handed out in origin-chunk order
+    from the first data chunk as the kernel would (the kernel then allocates after the
+    highest one). The caller copies each chunk's content at the checkpoint there. Chunks
+    free now but not then stay unseeded: safe, they are copied on their first write.
+    """
+    layout = plan.layout
+    stale = difference(plan.chosen, free_chunks(free_map, layout.chunk_bytes))
+    if not len(stale):
+        return plan
+    stride = layout.per_area + 1
+    data = layout.data_start + 1
+    entries = bytearray(plan.entries)
+    converted = []
+    for c in stale:
+        converted.append((c, data))
+        _ENTRY.pack_into(entries, plan.slot_of(c) * _ENTRY.size, c, data)
+        data += 1
+        if data % stride == 1:  # a metadata area position (kernel: skip_metadata)
+            data += 1
+    return SeedPlan(layout, plan.chosen, bytes(entries), tuple(converted))
 
 
 def plan_seeding(free_map: Iterable[tuple[int, int]], layout: SeedLayout, *,
@@ -267,3 +362,14 @@ def plan_seeding(free_map: Iterable[tuple[int, int]], layout: SeedLayout, *,
         if hit is not None:
             raise ValueError(f"chunk {hit} is both free and part of the store file")
     return SeedPlan(layout, chosen, seeded_entries(chosen, layout))
+
+
+def recorded_plan(layout: SeedLayout, free_map: Iterable[tuple[int, int]],
+                  seed_map: Iterable[tuple[int, int]] = ()) -> SeedPlan:
+    """The seeded table a checkpoint record describes: made from `seed_map` (the map it was
+    prepared from) and corrected for `free_map` (the checkpoint's), or made from `free_map`
+    when both are one map."""
+    seed_map = tuple(seed_map)
+    if seed_map:
+        return correct_seeding(plan_seeding(seed_map, layout), free_map)
+    return plan_seeding(free_map, layout)

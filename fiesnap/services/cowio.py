@@ -16,10 +16,10 @@ from typing import Callable, Iterator
 
 from fiesnap.errors import StoreFormatError
 from fiesnap.kernel.directio import AlignedBuffer, DirectDevice
-from fiesnap.model.exstore import ExceptionTable, read_exception_table, scan_frontier
+from fiesnap.model.exstore import ExceptionTable, check_seeded_areas, read_exception_table, scan_frontier
 from fiesnap.model.merge_plan import MergePlan, plan_merge
 from fiesnap.model.record import CheckpointRecord
-from fiesnap.model.seeding import plan_seeding
+from fiesnap.model.seeding import recorded_plan
 
 MAX_RUN_CHUNKS_BYTES = 1 << 20
 
@@ -40,6 +40,30 @@ def _chunk_reader(cow_node: str, record: CheckpointRecord) -> Iterator[Callable[
         yield lambda n: bytes(dev.read_into(buf, n * chunk, chunk))
 
 
+def _seed_plan(record: CheckpointRecord):
+    """The seeded entries a free-aware record's free map gives; StoreFormatError if the
+    record disagrees with its own map (None for a plain store)."""
+    layout = record.seed_layout
+    if layout is None:
+        return None
+    plan = recorded_plan(layout, record.free_map, record.seed_map)
+    if plan.count != record.seeded_chunks:
+        raise StoreFormatError(
+            f"snapshot store of {record.name!r}: the recorded free-space map gives {plan.count} "
+            f"seeded chunks, the record says {record.seeded_chunks}: the record is damaged; "
+            "rollback is impossible; current data was not touched")
+    return plan
+
+
+def check_seeded(cow_node: str, record: CheckpointRecord) -> None:
+    """A free-aware store's seeded entries, checked before the kernel loads them again."""
+    plan = _seed_plan(record)
+    if plan is None:
+        return
+    with _chunk_reader(cow_node, record) as read_chunk:
+        check_seeded_areas(read_chunk, seeded=plan.entries, chunk_bytes=record.chunk_bytes)
+
+
 def read_table(cow_node: str, record: CheckpointRecord) -> ExceptionTable:
     """Read and fully validate the exception table; raises StoreFormatError.
 
@@ -47,16 +71,10 @@ def read_table(cow_node: str, record: CheckpointRecord) -> ExceptionTable:
     recorded free-space map gives (model/seeding.py); only the others are returned.
     """
     seeded = {}
-    layout = record.seed_layout
-    if layout is not None:
-        plan = plan_seeding(record.free_map, layout)
-        if plan.count != record.seeded_chunks:
-            raise StoreFormatError(
-                f"snapshot store of {record.name!r}: the recorded free-space map gives {plan.count} "
-                f"seeded chunks, the record says {record.seeded_chunks}: the record is damaged; "
-                "rollback is impossible; current data was not touched")
-        seeded = dict(seeded=plan.entries, seeded_old=plan.chosen, data_start=layout.data_start,
-                      is_backed=record.cow.is_backed)
+    plan = _seed_plan(record)
+    if plan is not None:
+        seeded = dict(seeded=plan.entries, seeded_old=plan.seeded, data_start=plan.layout.data_start,
+                      is_backed=record.cow.is_backed, converted=plan.converted)
     with _chunk_reader(cow_node, record) as read_chunk:
         return read_exception_table(read_chunk, cow_chunks=record.cow.total_chunks,
                                     origin_chunks=record.origin_chunks,

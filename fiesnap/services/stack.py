@@ -28,14 +28,14 @@ from typing import Callable, ContextManager
 
 from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, FilesystemError, RefusedError
 from fiesnap.kernel import blockdev
-from fiesnap.kernel.directio import write_chunks, zero_range
+from fiesnap.kernel.directio import AlignedBuffer, DirectDevice, write_chunks, zero_range
 from fiesnap.kernel.libdm import UDEV_FLAGS_PRIVATE_LAYER, UDEV_LOW_PRIORITY
 from fiesnap.model.dmtable import DmTarget, linear, snapshot, snapshot_origin
 from fiesnap.model.record import CheckpointRecord
-from fiesnap.model.seeding import SeedPlan, plan_seeding
+from fiesnap.model.seeding import SeedPlan, correct_seeding, plan_seeding
 from fiesnap.model.snapstatus import SnapshotUsage, parse_snapshot_status
 from fiesnap.model.units import SECTOR_BYTES
-from fiesnap.services.cowio import read_frontier
+from fiesnap.services.cowio import check_seeded, read_frontier
 from fiesnap.services.storeid import check_store_identity
 
 #: Private layers: no probing, no /dev/disk links, no auto-mount (as lvm2 does for -cow).
@@ -103,8 +103,9 @@ def build_store_layers(dm, record: CheckpointRecord, *, zero_header: bool,
     `zero_header` is True only when the checkpoint starts: rebuilding an existing
     checkpoint must never wipe its store. A free-aware store then gets its seeded
     table from the record's free map instead. With `snapshot_later`, NAME-snap is
-    made without a table (an online free-aware start loads it inside the freeze,
-    `load_seeded_snapshot`).
+    made without a table (an online free-aware start writes the table, corrects it
+    inside the freeze and loads NAME-snap there: `correct_seeded_store`,
+    `load_snapshot_frozen`).
     """
     names = StackNames.for_name(record.name)
     created: list[str] = []
@@ -126,6 +127,8 @@ def build_store_layers(dm, record: CheckpointRecord, *, zero_header: bool,
             zero_range(dm.node_path(names.cow), 0, record.chunk_bytes,
                        expect_rdev=os.makedev(cow.major, cow.minor))
             log("zeroed the store header chunk through the COW device")
+        elif record.free_aware:
+            check_seeded(dm.node_path(names.cow), record)
         if snapshot_later:
             dm.create(names.snap, uuid=dm_uuid(record.checkpoint_id, "snap"))
             created.append(names.snap)
@@ -163,15 +166,41 @@ def seed_store(dm, record: CheckpointRecord, free_map) -> SeedPlan:
     return plan
 
 
-def load_seeded_snapshot(dm, record: CheckpointRecord, free_map):
-    """Inside an online start's freeze: seed the store for the checkpoint-time `free_map`
-    and load NAME-snap (made empty by build_store_layers). Returns (plan, the resume's
-    udev confirmation, to be awaited after the thaw)."""
+def correct_seeded_store(dm, record: CheckpointRecord, plan: SeedPlan, free_map) -> SeedPlan:
+    """Inside an online start's freeze: `plan` (written before it) for the checkpoint-time
+    `free_map`. A chunk allocated since the plan was made gets its content copied from
+    NAME (its checkpoint content: the filesystem is frozen) into a data chunk, and the
+    areas holding those entries are rewritten to point there (model/seeding.py)."""
+    fixed = correct_seeding(plan, free_map)
+    if not fixed.converted:
+        return fixed
+    cb = record.chunk_bytes
+    last = fixed.converted[-1][1]
+    if last + 1 >= record.cow.total_chunks:
+        raise FilesystemError(
+            f"{len(fixed.converted)} chunks were allocated while the start prepared its table, more "
+            "than the store holds: retry, or start with a larger --size")
     names = StackNames.for_name(record.name)
-    plan = seed_store(dm, record, free_map)
+    cow = dm.info(names.cow)
+    cow_rdev = os.makedev(cow.major, cow.minor)
+    with AlignedBuffer(cb) as buf, \
+            DirectDevice.open(dm.node_path(record.name), write=False) as src, \
+            DirectDevice.open(dm.node_path(names.cow), write=True, expect_rdev=cow_rdev) as dst:
+        for chunk, data in fixed.converted:
+            src.read_into(buf, chunk * cb, cb)
+            dst.write_from(buf, data * cb, cb)
+        dst.fsync()
+    write_chunks(dm.node_path(names.cow), fixed.changed_areas(), cb, expect_rdev=cow_rdev)
+    return fixed
+
+
+def load_snapshot_frozen(dm, record: CheckpointRecord):
+    """Load NAME-snap (made without a table by build_store_layers) while the filesystem may
+    be frozen: the udev confirmation it returns is awaited after the thaw."""
+    names = StackNames.for_name(record.name)
     cow = dm.info(names.cow)
     dm.load(names.snap, snapshot_targets(record, f"{cow.major}:{cow.minor}"), read_only=True)
-    return plan, dm.resume_frozen(names.snap, udev_flags=CHECKPOINT_VIEW)
+    return dm.resume_frozen(names.snap, udev_flags=CHECKPOINT_VIEW)
 
 
 def build_stack(dm, record: CheckpointRecord, *, zero_header: bool,

@@ -3,6 +3,7 @@
     python -m tests.lab boots tests/kernel/power_loss.py --boots 3 --disks 3   (part of make test)
 
 Disks: 1 = ext4 ("e4"), 2 = XFS ("xf"), 3 = the state folder's own filesystem, kept between boots.
+e4 gets a free-aware store, xf a plain one (STORES), so both stores go through the power cuts.
 
 boot 1  setup e4 and xf, mount /dev/mapper/NAME, start online while a writer creates files,
         record the checkpoint view's bytes, churn, sync, write more without syncing, and cut
@@ -46,6 +47,7 @@ CARRY = os.environ.get("FIESNAP_LAB_CARRY", "")
 STATE_MNT = "/run/fiesnap-state"
 STATE = f"{STATE_MNT}/state"
 KINDS = {"e4": "ext4-4k", "xf": "xfs"}
+STORES = {"e4": "--free-aware", "xf": "--plain"}
 
 
 def say(msg: str) -> None:
@@ -96,7 +98,7 @@ def boot1() -> int:
         writer = sc.Writer(mnt, f"/tmp/w-{name}")
         writer.wait_for(10)
         n0 = writer.done()
-        fiesnap("start", name, "--size", "48M")
+        fiesnap("start", name, "--size", "48M", STORES[name])
         n1 = writer.done()
         writer.wait_for(n1 + 10)
         writer.stop()

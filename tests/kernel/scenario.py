@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from fiesnap.model.seeding import SeedLayout, plan_seeding
+from fiesnap.model.seeding import SeedLayout, recorded_plan
 
 from .helpers import MiB, device_digest, fsck_clean, make_fs, tree_digest
 
@@ -101,8 +101,9 @@ class Record:
         chunk = self.raw["chunk_bytes"]
         seeded = []
         if self.raw.get("seeded_areas"):
-            plan = plan_seeding(self.raw["free_map"], SeedLayout(chunk, self.raw["seeded_areas"]))
-            seeded = [(r.start * chunk, r.count * chunk) for r in plan.chosen.runs]
+            plan = recorded_plan(SeedLayout(chunk, self.raw["seeded_areas"]), self.raw["free_map"],
+                                 self.raw.get("seed_map") or ())
+            seeded = [(r.start * chunk, r.count * chunk) for r in plan.seeded.runs]
         return self.store_ranges + seeded
 
     @property
@@ -123,15 +124,16 @@ def load_record(state_dir: str, name: str) -> Record:
         return Record(json.load(f))
 
 
-def prepare(lab, kind, name="cp", size="48M", with_files=True):
-    """mkfs + files, then start: returns (files' digest, record, device image at the checkpoint)."""
+def prepare(lab, kind, name="cp", size="48M", with_files=True, store=None):
+    """mkfs + files, then start (`store`: "--plain" or "--free-aware", else the suite's choice):
+    returns (files' digest, record, device image at the checkpoint)."""
     make_fs(lab.disk, kind)
     lab.mount(lab.disk)
     if with_files:
         populate(lab.mnt)
     before = tree_digest(lab.mnt)
     lab.umount()
-    lab.fiesnap("start", lab.disk, "--size", size, "--name", name)
+    lab.fiesnap("start", lab.disk, "--size", size, "--name", name, *([store] if store else []))
     rec = load_record(lab.state, name)
     return before, rec, device_digest(lab.disk, rec.outside_checkpoint)
 
@@ -142,6 +144,10 @@ def churn_through(lab, name="cp", seed=2):
     after = tree_digest(lab.mnt)
     lab.umount()
     return after
+
+
+#: The regression tests of dm-snapshot's traps run against both stores.
+BOTH_STORES = ("--plain", "--free-aware")
 
 
 # ------------------------------------------------------------------ online checkpoints

@@ -7,6 +7,8 @@ import os
 import shutil
 import struct
 
+import pytest
+
 from . import scenario as sc
 from .helpers import MiB, device_digest, make_fs, read_direct, sh, write_direct
 USAGE, NOT_ROOT, DEVICE, FILESYSTEM, NAME, REFUSED, STORE_FORMAT = 2, 3, 4, 5, 6, 7, 8
@@ -123,8 +125,10 @@ def test_store_header_not_valid(lab):
     lab.fiesnap("commit", "cp")
 
 
-def test_overflowed_checkpoint_refuses_merge_but_commits(lab):
-    sc.prepare(lab, "ext4-4k", size="256K")
+@pytest.mark.parametrize("store,size", [("--plain", "256K"), ("--free-aware", "2560K")])
+def test_overflowed_checkpoint_refuses_merge_but_commits(lab, store, size):
+    """(A free-aware store's first ~1.9 MiB here hold its seeded areas.)"""
+    sc.prepare(lab, "ext4-4k", size=size, store=store)
     lab.mount("/dev/mapper/cp")
     # Synchronous 4 KiB writes: each exception commits before the next write, so the store
     # fills gradually and its on-disk frontier shows the overflow (see docs/design.md).

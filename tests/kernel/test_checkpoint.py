@@ -68,9 +68,10 @@ def test_merge_removes_store_file_and_fsck_clean(lab):
     lab.umount()
 
 
-def test_stale_store_header_is_never_loaded(lab):
+@pytest.mark.parametrize("store", sc.BOTH_STORES)
+def test_stale_store_header_is_never_loaded(lab, store):
     """Stale COW header: a second checkpoint on the blocks of an earlier store must start empty."""
-    _, first, _ = sc.prepare(lab, "ext4-4k", name="one")
+    _, first, _ = sc.prepare(lab, "ext4-4k", name="one", store=store)
     sc.churn_through(lab, "one")
     lab.fiesnap("commit", "one")  # frees the store file; its blocks keep a valid header
     magic, valid = struct.unpack("<II", read_direct(lab.disk, first.first_cow_chunk_offset, 8))
@@ -79,7 +80,7 @@ def test_stale_store_header_is_never_loaded(lab):
     lab.mount(lab.disk)
     before = tree_digest(lab.mnt)
     lab.umount()
-    lab.fiesnap("start", lab.disk, "--size", "48M", "--name", "two")
+    lab.fiesnap("start", lab.disk, "--size", "48M", "--name", "two", store)
     second = sc.load_record(lab.state, "two")
     assert second.first_cow_chunk_offset == first.first_cow_chunk_offset, (
         "precondition: the new store reuses the old store's blocks")
@@ -93,9 +94,10 @@ def test_stale_store_header_is_never_loaded(lab):
     lab.umount()
 
 
-def test_large_write_saves_every_chunk(lab):
+@pytest.mark.parametrize("store", sc.BOTH_STORES)
+def test_large_write_saves_every_chunk(lab, store):
     """Resume order: a 1 MiB direct write through the origin must save all 256 chunks."""
-    before, rec, image = sc.prepare(lab, "ext4-4k")
+    before, rec, image = sc.prepare(lab, "ext4-4k", store=store)
     lab.mount("/dev/mapper/cp")
     used0 = lab.status("cp")["used_bytes"]
     path = os.path.join(lab.mnt, "data/big4.bin")

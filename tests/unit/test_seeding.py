@@ -38,6 +38,7 @@ from fiesnap.model.exstore import (
     SNAP_MAGIC,
     CowException,
     area_location,
+    check_seeded_areas,
     is_metadata_chunk,
     read_exception_table,
 )
@@ -50,6 +51,8 @@ from fiesnap.model.seeding import (
     SeedPlan,
     areas_for,
     choose_seeded,
+    correct_seeding,
+    difference,
     encode_seeded_store,
     plan_seeding,
     seeded_cow_table,
@@ -920,3 +923,98 @@ def test_backed_of_a_seeded_store_keeps_the_free_space(areas, data_chunks, cb, d
 def test_backed_leaves_states_without_numbers_alone(state):
     u = SnapshotUsage(state)
     assert u.backed(123) == u
+
+
+# --------------------------------------------------------------------------- before a reload
+
+
+def _seeded_store(cb: int = 4096, areas: int = 2):
+    """A store holding exactly what start writes: header, seeded areas, area K zeroed."""
+    layout = SeedLayout(cb, areas)
+    free = [(c * cb, 300 * cb) for c in (10, 5000, 9000)]
+    plan = plan_seeding(free, layout)
+    return plan, dict(plan.metadata())
+
+
+def test_the_seeded_areas_start_wrote_pass_the_check_before_a_reload():
+    plan, store = _seeded_store()
+    check_seeded_areas(lambda n: store.get(n, bytes(4096)), seeded=plan.entries, chunk_bytes=4096)
+
+
+def test_a_forged_seeded_entry_is_refused_before_the_kernel_loads_it():
+    """The kernel never copies a chunk with an exception: a seeded entry for a live chunk must
+    be caught before activate loads the table, or that chunk's checkpoint data is lost."""
+    plan, store = _seeded_store()
+    area = bytearray(store[area_location(1, 4096)])
+    old, new = struct.unpack_from("<QQ", area, 16)
+    struct.pack_into("<QQ", area, 16, 3, new)  # chunk 3 was not free
+    store[area_location(1, 4096)] = bytes(area)
+    with pytest.raises(StoreFormatError, match=r"area 1, slot 1: origin chunk 3"):
+        check_seeded_areas(lambda n: store.get(n, bytes(4096)), seeded=plan.entries, chunk_bytes=4096)
+
+
+def test_a_wiped_seeded_area_is_refused_before_a_reload():
+    plan, store = _seeded_store()
+    store[area_location(0, 4096)] = bytes(4096)
+    with pytest.raises(StoreFormatError, match="area 0, slot 0"):
+        check_seeded_areas(lambda n: store.get(n, bytes(4096)), seeded=plan.entries, chunk_bytes=4096)
+
+
+# --------------------------------------------------------------------------- correcting a prepared table
+
+
+@given(free_sets(), free_sets())
+@settings(max_examples=200, deadline=None)
+def test_difference_is_set_difference(a, b):
+    assert set(difference(a, b)) == set(a) - set(b)
+
+
+@given(free_sets(min_size=2), free_sets(min_size=0), st.data())
+@settings(max_examples=150, deadline=None)
+def test_a_prepared_table_corrected_for_the_checkpoint_never_seeds_a_live_chunk(before, freed, data):
+    """An online start writes its table from a map read before the freeze; inside it the map
+    of the checkpoint may have lost chunks (allocated meanwhile). Those must not keep a seeded
+    exception: they become real ones, their data chunks allocated as the kernel would, and the
+    kernel then allocates after them."""
+    layout = SeedLayout(CB, areas_for(len(before), CB))
+    plan = plan_seeding(byte_ranges(before, CB), layout)
+    taken = ChunkSet(ChunkRun(c, 1) for c in data.draw(st.lists(st.sampled_from(sorted(before)), max_size=40)))
+    at_checkpoint = ChunkSet(list(difference(before, taken).runs) + list(freed.runs))
+    fixed = correct_seeding(plan, byte_ranges(at_checkpoint, CB))
+    entries = decode(fixed.entries)
+    assert [old for old, _ in entries] == sorted(plan.chosen), "no entry moved"
+    seeded = {old for old, new in entries if layout.dummy_start <= new < layout.data_start}
+    assert seeded <= set(at_checkpoint), "a seeded chunk was live at the checkpoint"
+    assert seeded == set(fixed.seeded) and fixed.count == len(seeded)
+    converted = dict(fixed.converted)
+    assert set(converted) == set(plan.chosen) - set(at_checkpoint)
+    datas = [converted[c] for c in sorted(converted)]
+    assert datas == kernel_allocate(layout.data_start + 1, len(datas), CB)
+    disk = dict(fixed.metadata())
+    view = kernel_read_exceptions(disk, CB)
+    assert all(view.next_free > d for d in datas) and view.next_free > layout.dummy_start + WINDOW - 1
+    # the merge reads it back: the converted entries are real exceptions to copy
+    table = seeded_cow_table([ChunkRun(STORE_BASE, layout.data_start + 4 * layout.per_area)], layout)
+    read = read_exception_table(lambda n: disk.get(n, bytes(CB)), cow_chunks=table.total_chunks,
+                                origin_chunks=ORIGIN + 1000, chunk_bytes=CB, seeded=fixed.entries,
+                                seeded_old=fixed.seeded, data_start=layout.data_start,
+                                is_backed=table.is_backed, converted=fixed.converted)
+    assert sorted((e.old_chunk, e.new_chunk) for e in read.entries) == sorted(fixed.converted)
+    assert read.seeded == fixed.count
+    if fixed.converted:
+        assert set(fixed.changed_areas()) <= set(area_location(k, CB) for k in range(layout.areas))
+
+
+def test_a_corrected_entry_put_back_into_the_dummy_region_is_refused():
+    layout = SeedLayout(CB, 2)
+    plan = plan_seeding([(100 * CB, 300 * CB)], layout)
+    fixed = correct_seeding(plan, [(100 * CB, 50 * CB), (151 * CB, 249 * CB)])  # chunk 150 was taken
+    assert fixed.converted == ((150, layout.data_start + 1),)
+    disk = dict(fixed.metadata())
+    put_entry(disk, CB, fixed.slot_of(150), 150, layout.dummy_start + 150 % WINDOW)  # forged back
+    table = seeded_cow_table([ChunkRun(STORE_BASE, layout.data_start + 600)], layout)
+    with pytest.raises(StoreFormatError, match="seeded entry"):
+        read_exception_table(lambda n: disk.get(n, bytes(CB)), cow_chunks=table.total_chunks,
+                             origin_chunks=ORIGIN, chunk_bytes=CB, seeded=fixed.entries,
+                             seeded_old=fixed.seeded, data_start=layout.data_start,
+                             is_backed=table.is_backed, converted=fixed.converted)
