@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -144,6 +145,13 @@ def churn_through(lab, name="cp", seed=2):
     after = tree_digest(lab.mnt)
     lab.umount()
     return after
+
+
+def saved_before_freeze(start_stderr: str) -> int:
+    """Chunks an online free-aware start saved inside the freeze because they were allocated
+    after its table was prepared (0 for other starts): each holds one store chunk."""
+    m = re.search(r"(\d+) allocated before the freeze were saved", start_stderr)
+    return int(m.group(1)) if m else 0
 
 
 #: The regression tests of dm-snapshot's traps run against both stores.
