@@ -199,7 +199,10 @@ def _seeded_count(record: CheckpointRecord, free) -> int:
     layout = record.seed_layout
     if layout is None:
         return 0
-    plan = plan_seeding(free, layout, store=record.cow.store_chunks())
+    try:
+        plan = plan_seeding(free, layout, store=record.cow.store_chunks())
+    except ValueError as e:  # the map cannot be the checkpoint's: nothing may be seeded from it
+        raise FilesystemError(f"internal check failed: {e}; nothing was changed, retry") from e
     if plan.count == 0:
         raise FilesystemError(
             f"{record.device} has no whole {record.chunk_bytes}-byte chunk of free space left "

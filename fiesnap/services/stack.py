@@ -155,7 +155,10 @@ def seed_store(dm, record: CheckpointRecord, free_map) -> SeedPlan:
     if layout is None:
         raise ValueError("not a free-aware store")
     names = StackNames.for_name(record.name)
-    plan = plan_seeding(free_map, layout, store=record.cow.store_chunks())
+    try:
+        plan = plan_seeding(free_map, layout, store=record.cow.store_chunks())
+    except ValueError as e:  # the map cannot be the checkpoint's: nothing may be seeded from it
+        raise FilesystemError(f"internal check failed: {e}; retry the start") from e
     if plan.count == 0:
         raise FilesystemError(
             f"the filesystem on {record.device} has no whole {record.chunk_bytes}-byte chunk of free "

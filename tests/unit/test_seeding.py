@@ -1018,3 +1018,13 @@ def test_a_corrected_entry_put_back_into_the_dummy_region_is_refused():
                              origin_chunks=ORIGIN, chunk_bytes=CB, seeded=fixed.entries,
                              seeded_old=fixed.seeded, data_start=layout.data_start,
                              is_backed=table.is_backed, converted=fixed.converted)
+
+
+def test_a_free_map_that_calls_the_store_file_free_stops_the_start_with_one_line():
+    """Such a map cannot be the checkpoint's (the store file existed when it was read):
+    seeding from it would put seeded exceptions over store chunks."""
+    from fiesnap.commands.start import _seeded_count
+    r = _seeded_record()
+    with pytest.raises(FilesystemError, match=r"internal check failed: chunk \d+ is both free and part of the store file"):
+        _seeded_count(r, [(8 * MiB, MiB)])
+    assert _seeded_count(r, FREE_MAP) == r.seeded_chunks
