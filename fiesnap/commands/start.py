@@ -57,14 +57,14 @@ from fiesnap.commands.guards import (
     now,
     require_root,
 )
-from fiesnap.errors import CheckpointNameError, DeviceError, FilesystemError, RefusedError, UsageError
+from fiesnap.errors import CheckpointNameError, DeviceError, RefusedError, UsageError
 from fiesnap.kernel import blockdev, fsprobe, mounts
 from fiesnap.kernel.freeze import frozen
 from fiesnap.kernel.fsmap import free_space
 from fiesnap.model.identity import encode_identity, map_checksum, StoreIdentity
 from fiesnap.model.extents import free_chunks
 from fiesnap.model.record import CheckpointRecord, store_map, validate_name
-from fiesnap.model.seeding import areas_for, plan_seeding
+from fiesnap.model.seeding import areas_for
 from fiesnap.model.units import format_bytes
 from fiesnap.services import storefile
 from fiesnap.services.deviceseal import built_now
@@ -75,6 +75,7 @@ from fiesnap.services.stack import (
     correct_seeded_store,
     load_snapshot_frozen,
     seed_store,
+    seeding_for,
     passthrough_targets,
     reload_as_passthrough,
     snapshot_store_type,
@@ -195,19 +196,8 @@ def seeded_areas_for(mnt: str, req: StartRequest) -> int:
 
 
 def _seeded_count(record: CheckpointRecord, free) -> int:
-    """Chunks the checkpoint-time map `free` seeds; FilesystemError when there are none."""
-    layout = record.seed_layout
-    if layout is None:
-        return 0
-    try:
-        plan = plan_seeding(free, layout, store=record.cow.store_chunks())
-    except ValueError as e:  # the map cannot be the checkpoint's: nothing may be seeded from it
-        raise FilesystemError(f"internal check failed: {e}; nothing was changed, retry") from e
-    if plan.count == 0:
-        raise FilesystemError(
-            f"{record.device} has no whole {record.chunk_bytes}-byte chunk of free space left "
-            "to seed: free some space, or start with --plain")
-    return plan.count
+    """Chunks the checkpoint-time map `free` seeds (0 for a plain store)."""
+    return seeding_for(record, free).count if record.free_aware else 0
 
 
 # --------------------------------------------------------------------- offline

@@ -146,23 +146,30 @@ def build_store_layers(dm, record: CheckpointRecord, *, zero_header: bool,
     return created
 
 
+def seeding_for(record: CheckpointRecord, free_map) -> SeedPlan:
+    """The seeded table of a free-aware record for `free_map`; FilesystemError (one line,
+    nothing changed yet) when it has nothing to seed or calls a store chunk free."""
+    layout = record.seed_layout
+    if layout is None:
+        raise ValueError("not a free-aware store")
+    try:
+        plan = plan_seeding(free_map, layout, store=record.cow.store_chunks())
+    except ValueError as e:  # the map cannot be the checkpoint's: nothing may be seeded from it
+        raise FilesystemError(f"internal check failed: {e}; nothing was changed, retry") from e
+    if plan.count == 0:
+        raise FilesystemError(
+            f"{record.device} has no whole {record.chunk_bytes}-byte chunk of free space left to "
+            "seed: free some space, or start with --plain")
+    return plan
+
+
 def seed_store(dm, record: CheckpointRecord, free_map) -> SeedPlan:
     """Write a free-aware store's header and seeded table for `free_map` through NAME-cow.
 
     Must run before NAME-snap's table is loaded: the kernel reads the table then.
     """
-    layout = record.seed_layout
-    if layout is None:
-        raise ValueError("not a free-aware store")
     names = StackNames.for_name(record.name)
-    try:
-        plan = plan_seeding(free_map, layout, store=record.cow.store_chunks())
-    except ValueError as e:  # the map cannot be the checkpoint's: nothing may be seeded from it
-        raise FilesystemError(f"internal check failed: {e}; retry the start") from e
-    if plan.count == 0:
-        raise FilesystemError(
-            f"the filesystem on {record.device} has no whole {record.chunk_bytes}-byte chunk of free "
-            "space left to seed: free some space, or start with --plain")
+    plan = seeding_for(record, free_map)
     info = dm.info(names.cow)
     write_chunks(dm.node_path(names.cow), plan.metadata(), record.chunk_bytes,
                  expect_rdev=os.makedev(info.major, info.minor))
