@@ -7,7 +7,7 @@ Recording (one logged device of 192 MiB, beneath everything):
     mkfs + files (the base image, before logging) -> log-writes over the device ->
     fiesnap setup -> mount /dev/mapper/NAME -> a writer creates files -> ONLINE fiesnap start
     --size 40M (the checkpoint view is copied and its tree hashed right after) -> churn ->
-    fiesnap extend --by 24M -> more churn and new 4 MiB files until the store reaches into the
+    fiesnap extend --by 24M -> more churn and 4 MiB overwrites of a checkpoint-time file until the store reaches into the
     extension -> umount -> fiesnap merge --keep-store
 
 fiesnap runs through a wrapper (crash_replay.SAVE_MARKS) that logs a mark after every record
@@ -46,6 +46,8 @@ from fiesnap.commands import merge as merge_cmd
 from fiesnap.commands import start as start_cmd
 from fiesnap.errors import FiesnapError
 from fiesnap.kernel.dm import DeviceMapper
+from fiesnap.model.record import CheckpointRecord
+from fiesnap.model.snapstatus import parse_snapshot_status
 from fiesnap.services.statedir import StateStore
 
 from . import crash_replay as cr
@@ -68,6 +70,7 @@ DEV_BYTES = 192 * MiB
 SECTORS = DEV_BYTES // 512
 KIND = "ext4-4k"
 IMAGE_AT = 256 * MiB  # where on the work disk the checkpoint image is kept
+BALLAST = 48 * MiB  # a checkpoint-time file, overwritten after the extend
 
 
 def _wrapped(state: str, side: str, logdev: str, *args: str, ok=(0,)) -> subprocess.CompletedProcess:
@@ -84,10 +87,13 @@ def _used(state: str) -> int:
     return json.loads(p.stdout)["checkpoints"][0]["used_bytes"] or 0
 
 
-def _snap_used() -> int:
-    """Bytes the kernel reports used in NAME's store (dm-snapshot status: used/total sectors)."""
+def _snap_used(state: str) -> int:
+    """Bytes used in NAME's store, as `status` counts them (backed bytes: a free-aware store's
+    COW address space opens with holes), from the kernel's status without a CLI start."""
     fields = sh("dmsetup", "status", f"{NAME}-snap").stdout.split()
-    return int(fields[3].split("/")[0]) * 512
+    with open(os.path.join(state, f"{NAME}.json")) as f:
+        backed = CheckpointRecord.from_dict(json.load(f)).store_bytes
+    return parse_snapshot_status(" ".join(fields[3:])).backed(backed).used_bytes
 
 
 def _teardown(mnts: list[str]) -> None:
@@ -140,6 +146,9 @@ def record_run(disk_a, disk_b, disk_d, tmp_path, dm_prefix):
        "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", disk_a, str(DEV_BYTES // 4096))
     mnt = mount_at(disk_a, tmp_path / "mnt")
     sc.populate(mnt)
+    with open(f"{mnt}/ballast.bin", "wb") as f:  # checkpoint data, overwritten after the extend
+        for _ in range(BALLAST // MiB):
+            f.write(os.urandom(MiB))
     umount(mnt)
     flush_buffers(disk_a)
     base = cr.read_region(disk_a, 0, DEV_BYTES)
@@ -168,14 +177,15 @@ def record_run(disk_a, disk_b, disk_d, tmp_path, dm_prefix):
     print(f"store used after the first churn: {used1} bytes")
     ext = fs("extend", NAME, "--by", "24M", "--json")
     sc.churn(mnt, seed=3)
-    # New data in blocks free at the checkpoint: their old contents go to the store, until it
-    # reaches into the chunks extend added (the first churn used 11-26 of its 40 MiB; how
-    # much the writer added meanwhile varies, so write until the store is past 40 MiB).
-    for i in range(16):
-        sv = os.statvfs(mnt)
-        if _snap_used() > 44 * MiB or sv.f_bavail * sv.f_frsize < 12 * MiB:
+    # Overwrite checkpoint data 4 MiB at a time: its old contents go to the store (with either
+    # store: writes into space free at the checkpoint cost a free-aware store nothing), until
+    # it reaches into the chunks extend added (how much the churn and the writer used varies,
+    # so write until the store is past 44 MiB).
+    for i in range(BALLAST // (4 * MiB)):
+        if _snap_used(state) > 44 * MiB:
             break
-        with open(f"{mnt}/after-extend-{i}.bin", "wb") as f:
+        with open(f"{mnt}/ballast.bin", "r+b") as f:
+            f.seek(i * 4 * MiB)
             f.write(os.urandom(4 * MiB))
             os.fsync(f.fileno())
     os.sync()
