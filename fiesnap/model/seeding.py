@@ -321,6 +321,18 @@ def difference(a: ChunkSet, b: ChunkSet) -> ChunkSet:
     return ChunkSet(out)
 
 
+def copy_runs(pairs: Iterable[tuple[int, int]], max_run: int) -> list[tuple[int, int, int]]:
+    """(origin chunk, data chunk, count): `pairs` joined where both sides run on, at most
+    `max_run` chunks each (a correction copies them inside the freeze: fewer, larger I/Os)."""
+    out: list[tuple[int, int, int]] = []
+    for c, d in pairs:
+        if out and out[-1][2] < max_run and out[-1][0] + out[-1][2] == c and out[-1][1] + out[-1][2] == d:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((c, d, 1))
+    return out
+
+
 def correct_seeding(plan: SeedPlan, free_map: Iterable[tuple[int, int]]) -> SeedPlan:
     """`plan` (made from an earlier free map) for the checkpoint-time `free_map`.
 

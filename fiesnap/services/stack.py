@@ -32,7 +32,7 @@ from fiesnap.kernel.directio import AlignedBuffer, DirectDevice, write_chunks, z
 from fiesnap.kernel.libdm import UDEV_FLAGS_PRIVATE_LAYER, UDEV_LOW_PRIORITY
 from fiesnap.model.dmtable import DmTarget, linear, snapshot, snapshot_origin
 from fiesnap.model.record import CheckpointRecord
-from fiesnap.model.seeding import SeedPlan, correct_seeding, plan_seeding
+from fiesnap.model.seeding import SeedPlan, copy_runs, correct_seeding, plan_seeding
 from fiesnap.model.snapstatus import SnapshotUsage, parse_snapshot_status
 from fiesnap.model.units import SECTOR_BYTES
 from fiesnap.services.cowio import check_seeded, read_frontier
@@ -193,12 +193,13 @@ def correct_seeded_store(dm, record: CheckpointRecord, plan: SeedPlan, free_map)
     names = StackNames.for_name(record.name)
     cow = dm.info(names.cow)
     cow_rdev = os.makedev(cow.major, cow.minor)
-    with AlignedBuffer(cb) as buf, \
+    runs = copy_runs(fixed.converted, max(1, (1 << 20) // cb))  # one I/O per run: the freeze waits
+    with AlignedBuffer(max(n for _, _, n in runs) * cb) as buf, \
             DirectDevice.open(dm.node_path(record.name), write=False) as src, \
             DirectDevice.open(dm.node_path(names.cow), write=True, expect_rdev=cow_rdev) as dst:
-        for chunk, data in fixed.converted:
-            src.read_into(buf, chunk * cb, cb)
-            dst.write_from(buf, data * cb, cb)
+        for chunk, data, n in runs:
+            src.read_into(buf, chunk * cb, n * cb)
+            dst.write_from(buf, data * cb, n * cb)
         dst.fsync()
     write_chunks(dm.node_path(names.cow), fixed.changed_areas(), cb, expect_rdev=cow_rdev)
     return fixed

@@ -51,6 +51,7 @@ from fiesnap.model.seeding import (
     SeedPlan,
     areas_for,
     choose_seeded,
+    copy_runs,
     correct_seeding,
     difference,
     encode_seeded_store,
@@ -1028,3 +1029,22 @@ def test_a_free_map_that_calls_the_store_file_free_stops_the_start_with_one_line
     with pytest.raises(FilesystemError, match=r"internal check failed: chunk \d+ is both free and part of the store file"):
         _seeded_count(r, [(8 * MiB, MiB)])
     assert _seeded_count(r, FREE_MAP) == r.seeded_chunks
+
+
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 3000)), max_size=60), st.integers(1, 8))
+def test_copy_runs_cover_every_pair_once_in_order(pairs, max_run):
+    """The correction's copies, joined into runs: the same chunk pairs, in order, no run longer
+    than allowed, each run consecutive on both sides."""
+    runs = copy_runs(pairs, max_run)
+    assert [(c + i, d + i) for c, d, n in runs for i in range(n)] == pairs
+    assert all(1 <= n <= max_run for _, _, n in runs)
+
+
+def test_copy_runs_join_a_preallocated_stretch():
+    """Chunks allocated in one stretch before the freeze (say an 8 MiB preallocation) are
+    handed consecutive data chunks, so they are copied in 1 MiB pieces, not chunk by chunk."""
+    layout = SeedLayout(CB, 16)  # room for all 4096
+    plan = plan_seeding([(0, 4096 * CB)], layout)
+    fixed = correct_seeding(plan, [(0, 1000 * CB), (3048 * CB, 1048 * CB)])  # 2048 chunks taken
+    runs = copy_runs(fixed.converted, 256)
+    assert sum(n for _, _, n in runs) == 2048 and len(runs) <= 2048 // 256 + 10
