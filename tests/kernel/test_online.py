@@ -112,10 +112,11 @@ def test_online_commit_keeps_the_filesystem_mounted(lab, tmp_path, kind):
     # The next online checkpoint on the same device starts empty (stale-header trap); the
     # thaw's own superblock write may already have been saved.
     # (A free-aware start also saves what the freeze's own sync allocated after its table was
-    # prepared: XFS allocates delayed blocks then.)
+    # prepared: delayed blocks, ext4's 2 MiB group preallocations; and the thaw's journal
+    # commit may follow the superblock. Stale exceptions would be thousands of chunks.)
     p = lab.fiesnap("start", "cp", "--size", "32M")
     fresh = sc.load_record(lab.state, "cp").fresh_used_bytes
-    assert lab.status("cp")["used_bytes"] <= fresh + (sc.saved_before_freeze(p.stderr) + 2) * 4096
+    assert lab.status("cp")["used_bytes"] <= fresh + (sc.saved_before_freeze(p.stderr) + 4) * 4096
     lab.fiesnap("commit", "cp")
     lab.umount()
     ok, log = fsck_clean("/dev/mapper/cp", kind)
