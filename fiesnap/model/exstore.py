@@ -250,12 +250,7 @@ def read_exception_table(
             want = seeded[read * _EXCEPTION.size:(read + first) * _EXCEPTION.size]
             got = buf[:first * _EXCEPTION.size]
             if got != want:
-                slot = next(i for i in range(first) if got[i * 16:i * 16 + 16] != want[i * 16:i * 16 + 16])
-                old, new = _EXCEPTION.unpack_from(got, slot * 16)
-                raise _refuse(
-                    f"has a seeded entry that does not match the checkpoint's free-space map "
-                    f"(area {area}, slot {slot}: origin chunk {old} -> COW chunk {new}): "
-                    "forged or damaged, a merge would skip a chunk it must restore")
+                raise _seeded_mismatch(got, want, area, "a merge would skip a chunk it must restore")
             read += first  # real entries may follow in the same area
         for i, (old, new) in enumerate(_EXCEPTION.iter_unpack(buf[first * _EXCEPTION.size:]), first):
             if new == 0:  # end of table, as in insert_exceptions()
@@ -274,6 +269,17 @@ def read_exception_table(
     )
 
 
+def _seeded_mismatch(got: bytes, want: bytes, area: int, harm: str) -> StoreFormatError:
+    """The refusal for seeded entries that differ from what the free map gives: names the
+    first differing slot of `area`."""
+    size = _EXCEPTION.size
+    slot = next(i for i in range(len(want) // size) if got[i * size:(i + 1) * size] != want[i * size:(i + 1) * size])
+    old, new = _EXCEPTION.unpack_from(got, slot * size) if len(got) >= (slot + 1) * size else (0, 0)
+    return _refuse(
+        f"has a seeded entry that does not match the checkpoint's free-space map "
+        f"(area {area}, slot {slot}: origin chunk {old} -> COW chunk {new}): forged or damaged, {harm}")
+
+
 def check_seeded_areas(read_chunk: Callable[[int], bytes], *, seeded: bytes, chunk_bytes: int) -> None:
     """Refuse a store whose seeded entries are not exactly `seeded` (the bytes the checkpoint's
     free map gives). Before the kernel loads a free-aware store again: it would never copy a
@@ -285,12 +291,7 @@ def check_seeded_areas(read_chunk: Callable[[int], bytes], *, seeded: bytes, chu
         want = seeded[off:off + chunk_bytes]
         got = read_chunk(HEADER_CHUNKS + stride * area)[:len(want)]
         if got != want:
-            slot = next(i for i in range(0, len(want), 16) if got[i:i + 16] != want[i:i + 16]) // 16
-            old, new = _EXCEPTION.unpack_from(got, slot * 16) if len(got) >= slot * 16 + 16 else (0, 0)
-            raise _refuse(
-                f"has a seeded entry that does not match the checkpoint's free-space map "
-                f"(area {area}, slot {slot}: origin chunk {old} -> COW chunk {new}): "
-                "forged or damaged, the kernel would never save that chunk")
+            raise _seeded_mismatch(got, want, area, "the kernel would never save that chunk")
 
 
 def encode_store(
