@@ -2,11 +2,12 @@
 #
 #   make test    install what is missing (Debian packages, .venv, lab kernel and udev), then
 #                run the host unit tests, the real-kernel tests in the VM lab, the lab's
-#                two-boot self-test, the udev tests (a guest running udevd) and the
-#                three-boot power-cut tests
+#                two-boot self-test, the udev tests (a guest running udevd), the
+#                three-boot power-cut tests and the five-boot update-lifecycle tests
 #   make demo    same setup, then the demo script in a lab guest
 #   make lab     setup only
-#   make unit / kernel-tests / lab-selftest / udev-tests / power-cut-tests    one part of `make test`
+#   make unit / kernel-tests / lab-selftest / udev-tests / power-cut-tests / update-boot-tests
+#                one part of `make test`
 #   make kernel-tests-plain   the real-kernel suite with every `fiesnap start` that does not name
 #                a store making a plain one (`make test` runs it with the default, free-aware
 #                store; the dm-snapshot trap tests and the power cuts run both stores there)
@@ -43,13 +44,16 @@ LAB_SELFTEST := $(VPY) -m tests.lab boots tests/lab/selftest-boots.sh --boots 2 
 UDEV_TESTS := $(VPY) -m tests.lab kernel-tests --udev --disks 2 -- -m udev
 # Setup, online start, power cut, activate, merge, power cut mid-merge, merge again.
 POWER_CUT_TESTS := $(VPY) -m tests.lab boots tests/kernel/power_loss.py --boots 3 --disks 3 --timeout 900
+# Boot attempts counted, automatic rollback (and a power cut in it), commit at boot-complete,
+# the apt hook under a real apt-get run.
+UPDATE_BOOT_TESTS := $(VPY) -m tests.lab boots tests/kernel/update_boots.py --boots 5 --disks 4 --timeout 900
 # Crash-consistency replay, wide: the lab passes no environment into the guest, so the count
 # travels as a pytest option (registered by loading tests/kernel/crash_replay.py as a plugin).
 FIESNAP_CRASH_POINTS ?= 120
 CRASH_REPLAY := $(VPY) -m tests.lab kernel-tests --shards 1 $(LAB_ARGS) -- -p tests.kernel.crash_replay \
 	--crash-points $(FIESNAP_CRASH_POINTS) tests/kernel/test_crash_replay.py
 
-.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests kernel-tests-plain lab-selftest udev-tests power-cut-tests crash-replay bench clean-lab
+.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests kernel-tests-plain lab-selftest udev-tests power-cut-tests update-boot-tests crash-replay bench clean-lab
 
 lab: sysdeps venv kernel udev
 
@@ -94,25 +98,32 @@ udev-tests: lab
 power-cut-tests: lab
 	$(POWER_CUT_TESTS)
 
+update-boot-tests: lab
+	$(UPDATE_BOOT_TESTS)
+
 crash-replay: lab
 	$(CRASH_REPLAY)
 
 # Every part always runs; the target fails if any did (pytest's 5, "no tests", too).
 # After the kernel tests' guests: the power-cut tests (three boots) in one lane, the lab's
-# two-boot self-test and then the udev guest in the other; the power-cut output comes last.
+# two-boot self-test, the udev guest and the update-lifecycle boots in the other; the
+# power-cut output comes last.
 test: lab
-	@unit=0; kern=0; boots=0; udev=0; power=0; \
+	@unit=0; kern=0; boots=0; udev=0; power=0; update=0; \
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS) || unit=$$?; \
 	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS) || kern=$$?; \
 	log=$$(mktemp); \
 	$(POWER_CUT_TESTS) >"$$log" 2>&1 & ppid=$$!; \
 	$(LAB_SELFTEST) || boots=$$?; \
 	$(UDEV_TESTS) || udev=$$?; \
+	$(UPDATE_BOOT_TESTS) || update=$$?; \
 	wait $$ppid || power=$$?; \
 	echo "----- power-cut tests: $(POWER_CUT_TESTS)"; cat "$$log"; rm -f "$$log"; \
-	if [ $$unit != 0 ] || [ $$kern != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ] || [ $$power != 0 ]; then \
+	if [ $$unit != 0 ] || [ $$kern != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ] || [ $$power != 0 ] \
+	   || [ $$update != 0 ]; then \
 	  echo "make test: FAILED (unit tests exit $$unit, kernel tests exit $$kern," \
-	    "lab self-test exit $$boots, udev tests exit $$udev, power-cut tests exit $$power)"; exit 1; \
+	    "lab self-test exit $$boots, udev tests exit $$udev, power-cut tests exit $$power," \
+	    "update-lifecycle tests exit $$update)"; exit 1; \
 	fi
 
 # Benchmarks report numbers, they do not pass or fail on speed (a run fails only if a script did).

@@ -112,6 +112,13 @@ def start(
         DEFAULT_FREE_AWARE, "--free-aware/--plain",
         help="Free-aware store: writes into space that was free at the checkpoint copy nothing "
              "(docs/design.md). --plain: every first write of a chunk is copied."),
+    boot_attempts: Optional[int] = typer.Option(
+        None, "--boot-attempts", metavar="N",
+        help="An update checkpoint: each boot's 'fiesnap activate' counts one attempt; once N "
+             "boots passed without a commit, activate rolls it back (docs/boot.md). NAME only."),
+    unless_active: bool = typer.Option(
+        False, "--unless-active",
+        help="If NAME holds a checkpoint already, leave it and exit 0 (for update hooks)."),
     as_json: bool = typer.Option(False, "--json", help="Print the new checkpoint as JSON on stdout."),
 ) -> None:
     """Take a checkpoint: of NAME online (mounted and busy), or of an unmounted DEVICE.
@@ -121,13 +128,17 @@ def start(
     Of an unmounted DEVICE: builds /dev/mapper/NAME (mount that), NAME-snap and NAME-cow.
     """
     req = start_cmd.StartRequest(target=target, size=_size(size, "--size"), name=name,
-                                 chunk_bytes=_size(chunk_size, "--chunk-size"), free_aware=free_aware)
-    record = start_cmd.start(req, _dm_factory, StateStore(), _log)
+                                 chunk_bytes=_size(chunk_size, "--chunk-size"), free_aware=free_aware,
+                                 boot_attempts=boot_attempts, unless_active=unless_active)
+    record, started = start_cmd.start_unless_active(req, _dm_factory, StateStore(), _log)
     if as_json:
-        _emit_json(status_cmd.status(_dm_factory, StateStore(), record.name)[0].to_dict())
-    else:
+        _emit_json({**status_cmd.status(_dm_factory, StateStore(), record.name)[0].to_dict(),
+                    "started": started})
+    elif started:
         out.print(f"checkpoint {record.name} started: the filesystem is on /dev/mapper/{record.name}",
                   markup=False)
+    else:
+        out.print(f"{record.name} holds a checkpoint already ({record.phase}): none started", markup=False)
 
 
 @app.command()
@@ -268,6 +279,13 @@ def status(
         )
     out.print(table)
     for r in rows:
+        a = r["boot_attempts"]
+        if a:
+            out.print(f"{r['name']}: update checkpoint, boot attempts {a['used']} of {a['allowed']} used, "
+                      f"{a['left']} left" + ("; this boot is one: 'fiesnap commit' (or boot-complete) keeps it"
+                                             if a["on_trial"] else ""), markup=False)
+        if r["auto_rollback"]:
+            out.print(f"{r['name']}: rolling back by itself: {r['auto_rollback']}", markup=False)
         if r["bypass"]:
             out.print(f"{r['name']}: cannot be rolled back: {r['bypass']}", markup=False)
         if r["suspended"]:
@@ -278,7 +296,11 @@ def status(
 
 @app.command()
 def commit(
-    name: str = typer.Argument(..., help="Checkpoint to end, keeping all changes."),
+    name: Optional[str] = typer.Argument(None, help="Checkpoint to end, keeping all changes."),
+    boot_complete: bool = typer.Option(
+        False, "--boot-complete",
+        help="Commit every update checkpoint whose boot attempt was counted in this boot "
+             "(what fiesnap-boot-complete.service runs once boot-complete.target is reached)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Keep all changes: end the checkpoint and remove the snapshot, the store device and the store file.
@@ -287,6 +309,18 @@ def commit(
     Otherwise: mounted on /dev/mapper/NAME it stays mounted as a plain pass-through (run commit
     again after unmounting to remove it); unmounted, NAME is removed.
     """
+    if bool(name) == boot_complete:
+        raise UsageError("give exactly one of NAME or --boot-complete")
+    if boot_complete:
+        verdicts = commit_cmd.commit_boot_complete(_dm_factory, StateStore(), _log)
+        if as_json:
+            _emit_json({"boot_complete": [v.to_dict() for v in verdicts]})
+        else:
+            for v in verdicts:
+                out.print(f"{v.name}: {v.result} ({v.detail})", markup=False)
+            if not verdicts:
+                out.print("no update checkpoints")
+        return
     result = commit_cmd.commit(name, _dm_factory, StateStore(), _log)
     if as_json:
         _emit_json({"name": name, "result": result})

@@ -4,6 +4,12 @@ activate finds each device again (names move between boots), checks a
 checkpoint's store identity block raw from the device before mapping a single
 block of it, and rebuilds the stack over the existing store (never zeroed).
 deactivate takes the devices down without ending anything.
+
+An update checkpoint (model/lifecycle.py) is where activate counts boots: one
+attempt saved before the stack is built, and, once every attempt is spent
+without a commit, the merge instead of the stack, so that the system comes up
+on the checkpoint's data. A rollback it began and a power cut interrupted is
+finished by the next activate.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from dataclasses import dataclass
 
 from fiesnap.commands.guards import Log, require_root
 from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, RefusedError
+from fiesnap.commands.merge import merge_locked
+from fiesnap.kernel import boot
 from fiesnap.kernel.locate import Wanted, find_device
+from fiesnap.model.lifecycle import COUNT, BootAttempts, ROLL_BACK, attempts_of, decide_at_boot, rollback_reason
 from fiesnap.model.record import CheckpointRecord
 from fiesnap.services.stack import (
     StackNames,
@@ -31,13 +40,16 @@ from fiesnap.services.statedir import StateStore
 @dataclass(frozen=True)
 class ActivateResult:
     name: str
-    result: str  # "activated", "already active", "failed"
+    result: str  # "activated", "already active", "rolled back", "failed"
     detail: str = ""
     #: writes that bypassed the origin while the stack was down ("" if none seen).
     bypass: str = ""
+    #: an update checkpoint's boot attempts after this activate (None: it counts none).
+    attempts: BootAttempts | None = None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "result": self.result, "detail": self.detail, "bypass": self.bypass}
+        return {"name": self.name, "result": self.result, "detail": self.detail, "bypass": self.bypass,
+                "boot_attempts": self.attempts.to_dict() if self.attempts else None}
 
 
 def _locate(record: CheckpointRecord, state: StateStore) -> CheckpointRecord:
@@ -49,9 +61,11 @@ def _locate(record: CheckpointRecord, state: StateStore) -> CheckpointRecord:
     return record
 
 
-def _activate_one(dm, record: CheckpointRecord, state: StateStore, log: Log) -> ActivateResult:
+def _activate_one(dm, record: CheckpointRecord, state: StateStore, log: Log, boot_id: str) -> ActivateResult:
     name = record.name
     names = StackNames.for_name(name)
+    if record.phase in ("merging", "copied") and record.auto_rollback:
+        return _roll_back(dm, _locate(record, state), state, log)
     if record.phase in ("merging", "copied"):
         raise RefusedError(f"a rollback of {name!r} is under way: run 'fiesnap merge {name}' to finish it")
     if record.phase in ("starting", "committing"):
@@ -75,20 +89,72 @@ def _activate_one(dm, record: CheckpointRecord, state: StateStore, log: Log) -> 
             f"{name!r} is half active ({', '.join(present)} present): run 'fiesnap deactivate {name}' first"
         )
     record = _locate(record, state)
+    decision = decide_at_boot(record, boot_id)
+    if decision == ROLL_BACK:
+        return _roll_back(dm, record, state, log)
     check_store_identity(record, record.device)
     found = "" if record.bypass else find_bypass(record)
     if found:
         record = record.bypassed(found)
         state.save(record)  # before the stack: the finding must outlive a failed build
     why = record.bypass
+    if decision == COUNT:
+        # Durable before anything is exposed: a power cut from here on spent this attempt.
+        record = record.attempt_counted(boot_id)
+        state.save(record)
+        log(f"{name!r}: boot attempt {record.attempts_used} of {record.boot_attempts} of the update")
     build_stack(dm, record, zero_header=False, log=log)
     state.save(built_now(record))
     log(f"activated checkpoint {name!r} over its existing store")
+    attempts = attempts_of(record, boot_id)
     if why:
         log(f"warning: {why}; a rollback would no longer be exact, so 'fiesnap merge {name}' "
             f"will refuse; 'fiesnap commit {name}' keeps the current data")
-        return ActivateResult(name, "activated", "checkpoint", bypass=why)
-    return ActivateResult(name, "activated", "checkpoint")
+        return ActivateResult(name, "activated", "checkpoint", bypass=why, attempts=attempts)
+    return ActivateResult(name, "activated", "checkpoint", attempts=attempts)
+
+
+class _LoggedProgress:
+    """A boot's rollback has no terminal: say how far the copy is, every tenth."""
+
+    def __init__(self, name: str, total: int, log: Log) -> None:
+        self.name, self.total, self.log, self.done, self.said = name, total, log, 0, 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        tenth = self.done * 10 // self.total if self.total else 10
+        if tenth > self.said and tenth < 10:
+            self.said = tenth
+            self.log(f"{self.name!r}: rollback {tenth * 10}% copied")
+
+    def close(self) -> None:
+        pass
+
+
+def _roll_back(dm, record: CheckpointRecord, state: StateStore, log: Log) -> ActivateResult:
+    """The update's boot attempts are spent: roll back instead of exposing (or finish doing so).
+
+    The decision is saved before the merge starts: from then on this checkpoint is never
+    counted or exposed again, only rolled back (or committed by hand, while the merge has
+    not begun to write)."""
+    name = record.name
+    if not record.auto_rollback:
+        record = record.rolling_back(rollback_reason(record))
+        state.save(record)
+    verb = "rolling back" if record.phase == "active" else "finishing the rollback of"
+    log(f"{name!r}: {record.auto_rollback}: {verb} checkpoint of {record.created}")
+    try:
+        result = merge_locked(dm, record, state, log,
+                              progress_factory=lambda total: _LoggedProgress(name, total, log))
+    except FiesnapError as e:
+        if state.load(name).phase != "active":
+            raise  # the copy began: only finishing it is possible ('fiesnap merge' says the same)
+        raise type(e)(
+            f"{name!r}: {record.auto_rollback}, but it cannot be rolled back: {e}; nothing was "
+            f"exposed: 'fiesnap commit {name}' keeps the update's data, or fix the cause and run "
+            f"'fiesnap activate {name}' to roll back") from e
+    chunks = result.chunks if result else 0
+    return ActivateResult(name, "rolled back", f"{record.auto_rollback}; {chunks} chunks restored")
 
 
 def activate(name: str | None, dm_factory, state: StateStore, log: Log, *,
@@ -98,13 +164,15 @@ def activate(name: str | None, dm_factory, state: StateStore, log: Log, *,
     with state.locked():
         records = [state.load(name)] if name else state.load_all()
         dm = dm_factory()
+        boot_id = boot.boot_id()
         results = []
         errors: list[FiesnapError] = []
         deadline = time.monotonic() + wait_seconds  # one budget for all: boot waits at most this
         for r in records:
             while True:
                 try:
-                    results.append(_activate_one(dm, r, state, log))
+                    # Read again on every try: a try that failed may have counted an attempt.
+                    results.append(_activate_one(dm, state.load(r.name), state, log, boot_id))
                     break
                 except FiesnapError as e:
                     if isinstance(e, DeviceError) and time.monotonic() < deadline:

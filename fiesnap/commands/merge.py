@@ -38,71 +38,78 @@ def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: boo
     """Roll back to the checkpoint. Safe to re-run after an interruption."""
     require_root()
     with state.locked():
-        record = state.load(name)
-        dm = dm_factory()
-        names = StackNames.for_name(name)
-        resume_leftovers(dm, record, log)
-        if record.phase == "starting":
-            raise RefusedError(
-                f"checkpoint {name!r} never finished starting: nothing to roll back; "
-                f"run 'fiesnap commit {name}' to clean up"
-            )
-        if record.phase in ("committing", "passthrough"):
-            raise RefusedError(
-                f"checkpoint {name!r} was committed: there is nothing to roll back"
-            )
-        verify_device(record)
-        where = blockdev.mounts_anywhere(record.device_major, record.device_minor)
-        for n in names.all():
+        return merge_locked(dm_factory(), state.load(name), state, log, keep_store=keep_store,
+                            progress_factory=progress_factory)
+
+
+def merge_locked(dm, record: CheckpointRecord, state: StateStore, log: Log, *, keep_store: bool = False,
+                 progress_factory=None) -> MergeResult | None:
+    """The merge, with the state folder locked by the caller (merge, or activate rolling back)."""
+    name = record.name
+    names = StackNames.for_name(name)
+    resume_leftovers(dm, record, log)
+    if record.phase == "starting":
+        raise RefusedError(
+            f"checkpoint {name!r} never finished starting: nothing to roll back; "
+            f"run 'fiesnap commit {name}' to clean up"
+        )
+    if record.phase in ("committing", "passthrough"):
+        raise RefusedError(
+            f"checkpoint {name!r} was committed: there is nothing to roll back"
+        )
+    verify_device(record)
+    where = blockdev.mounts_anywhere(record.device_major, record.device_minor)
+    for n in names.all():
+        info = dm.info(n)
+        if info is not None:
+            where += blockdev.mounts_anywhere(info.major, info.minor)
+    if where:
+        raise RefusedError(
+            f"the filesystem is mounted on {', '.join(where)}: unmount it, then run merge again"
+        )
+    result = None
+    if record.phase == "active":
+        record = _refuse_bypassed(dm, record, names, state)
+        _precheck(dm, record, names)
+        for n in (names.origin, names.snap):
             info = dm.info(n)
-            if info is not None:
-                where += blockdev.mounts_anywhere(info.major, info.minor)
-        if where:
-            raise RefusedError(
-                f"the filesystem is mounted on {', '.join(where)}: unmount it, then run merge again"
-            )
-        result = None
-        if record.phase == "active":
-            record = _refuse_bypassed(dm, record, names, state)
-            _precheck(dm, record, names)
-            for n in (names.origin, names.snap):
-                info = dm.info(n)
-                if info is not None and info.open_count:
-                    raise DeviceError(
-                        f"/dev/mapper/{n} is open by another program: close it and run merge again"
-                    )
-        if record.phase in ("active", "merging"):
-            # Origin first: once it is gone nothing can write to the device, and
-            # removing the snapshot afterwards cannot let an unsaved write through.
-            remove_if_present(dm, names.origin)
-            remove_if_present(dm, names.snap)
-            try:
-                cow_node, table, plan = _prove(dm, record, names)
-            except FiesnapError as e:
-                if record.phase == "active":  # one line, with what to do next
-                    remove_if_present(dm, names.cow)  # as activate and commit expect to find it
+            if info is not None and info.open_count:
+                raise DeviceError(
+                    f"/dev/mapper/{n} is open by another program: close it and run merge again"
+                )
+    if record.phase in ("active", "merging"):
+        # Origin first: once it is gone nothing can write to the device, and
+        # removing the snapshot afterwards cannot let an unsaved write through.
+        remove_if_present(dm, names.origin)
+        remove_if_present(dm, names.snap)
+        try:
+            cow_node, table, plan = _prove(dm, record, names)
+        except FiesnapError as e:
+            if record.phase == "active":  # one line, with what to do next
+                remove_if_present(dm, names.cow)  # as activate and commit expect to find it
+                if not record.auto_rollback:  # activate's rollback says what to do itself
                     e.args = (f"{e}; nothing was written to {record.device}: 'fiesnap activate {name}' "
                               f"brings the checkpoint back, 'fiesnap commit {name}' keeps the current data",)
-                raise
-            if record.phase == "active":
-                # Only now, with the table read again and the plan proven: a refusal
-                # above leaves a checkpoint that activate or commit can still take.
-                record = record.with_phase("merging")
-                state.save(record)
-            log(f"merging {len(table.entries)} chunks in {len(plan.runs)} runs "
-                f"({plan.total_bytes} bytes) onto {record.device}")
-            progress = progress_factory(plan.total_bytes) if progress_factory else None
-            try:
-                result = copy_back(plan, record, cow_node, record.device,
-                                   progress=progress.advance if progress else (lambda n: None))
-            finally:
-                if progress:
-                    progress.close()
-            record = record.with_phase("copied")
+            raise
+        if record.phase == "active":
+            # Only now, with the table read again and the plan proven: a refusal
+            # above leaves a checkpoint that activate or commit can still take.
+            record = record.with_phase("merging")
             state.save(record)
-        if record.phase == "copied":
-            _finish(dm, record, state, log, keep_store=keep_store)
-        return result
+        log(f"merging {len(table.entries)} chunks in {len(plan.runs)} runs "
+            f"({plan.total_bytes} bytes) onto {record.device}")
+        progress = progress_factory(plan.total_bytes) if progress_factory else None
+        try:
+            result = copy_back(plan, record, cow_node, record.device,
+                               progress=progress.advance if progress else (lambda n: None))
+        finally:
+            if progress:
+                progress.close()
+        record = record.with_phase("copied")
+        state.save(record)
+    if record.phase == "copied":
+        _finish(dm, record, state, log, keep_store=keep_store)
+    return result
 
 
 def _refuse_bypassed(dm, record: CheckpointRecord, names: StackNames, state: StateStore) -> CheckpointRecord:

@@ -63,7 +63,7 @@ from fiesnap.kernel.freeze import frozen
 from fiesnap.kernel.fsmap import free_space
 from fiesnap.model.identity import encode_identity, map_checksum, StoreIdentity
 from fiesnap.model.extents import free_chunks
-from fiesnap.model.record import CheckpointRecord, store_map, validate_name
+from fiesnap.model.record import CheckpointRecord, check_boot_attempts, store_map, validate_name
 from fiesnap.model.seeding import areas_for
 from fiesnap.model.units import format_bytes
 from fiesnap.services import storefile
@@ -95,18 +95,47 @@ class StartRequest:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     #: seed the store with the checkpoint's free space (model/seeding.py); False: a plain store.
     free_aware: bool = DEFAULT_FREE_AWARE
+    #: an update checkpoint allowing this many boots (model/lifecycle.py); None: not one.
+    boot_attempts: int | None = None
+    #: a name that holds a checkpoint already is left as it is (update hooks run many times).
+    unless_active: bool = False
 
 
 def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> CheckpointRecord:
     """Online start of a device under fiesnap, or offline start of an unmounted device."""
+    return start_unless_active(req, dm_factory, state, log)[0]
+
+
+def start_unless_active(req: StartRequest, dm_factory, state: StateStore,
+                        log: Log) -> tuple[CheckpointRecord, bool]:
+    """As `start`; with `req.unless_active` a name that holds a checkpoint already is
+    returned unchanged. Returns (record, whether this call started it)."""
     require_root()
     check_chunk_size(req.chunk_bytes)
+    if req.boot_attempts is not None:
+        check_boot_attempts(req.boot_attempts)
     managed = resolve_target(req.target, state)
     if managed is None:
-        return _start_offline(req, dm_factory, state, log)
+        if req.unless_active and state.exists(_offline_name(req)):
+            return _already(state.load(_offline_name(req)), log), False
+        if req.boot_attempts:
+            raise UsageError(
+                f"--boot-attempts needs a device under fiesnap (the boot unit mounts /dev/mapper/NAME "
+                f"whatever happens to the checkpoint): run 'fiesnap setup {req.target} --name NAME' once")
+        return _start_offline(req, dm_factory, state, log), True
     if req.name is not None and req.name != managed:
         raise UsageError(f"--name {req.name} does not match {req.target}, which is {managed}: drop --name")
     return _start_online(managed, req, dm_factory, state, log)
+
+
+def _offline_name(req: StartRequest) -> str:
+    return validate_name(req.name or os.path.basename(os.path.realpath(req.target)))
+
+
+def _already(record: CheckpointRecord, log: Log) -> CheckpointRecord:
+    log(f"{record.name!r} holds a checkpoint already ({record.phase}, started {record.created}): "
+        "none started")
+    return record
 
 
 # --------------------------------------------------------------------- target
@@ -211,7 +240,7 @@ def _remove_leftovers(mnt: str, name: str, fs_uuid: str, log: Log) -> None:
 
 def _start_offline(req: StartRequest, dm_factory, state: StateStore, log: Log) -> CheckpointRecord:
     dev = blockdev.open_block_device(req.target)
-    name = validate_name(req.name or os.path.basename(os.path.realpath(req.target)))
+    name = _offline_name(req)
     check_unused(dev, req.target, "unmount it first")
     check_store_size(req.size, req.chunk_bytes, dev.size_bytes, req.target)
     fs = fsprobe.probe_device(req.target)
@@ -292,10 +321,13 @@ def _check_std_streams(fs_dev: int, where: str) -> None:
             )
 
 
-def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore, log: Log) -> CheckpointRecord:
+def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore,
+                  log: Log) -> tuple[CheckpointRecord, bool]:
     """Checkpoint a managed device, mounted and busy or not."""
     with state.locked():
         record = state.load(name)
+        if req.unless_active and record.has_checkpoint:
+            return _already(record, log), False
         if not record.managed:
             raise RefusedError(f"{name!r} is a checkpoint of its own, not a device under fiesnap")
         if record.phase != "passthrough":
@@ -343,6 +375,8 @@ def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore, l
             try:
                 new = _with_store(record, created, checkpoint_id=checkpoint_id, store_type=store_type,
                                   chunk_bytes=req.chunk_bytes, mode="online", seeded_areas=areas)
+                if req.boot_attempts:
+                    new = new.with_boot_attempts(req.boot_attempts)
                 state.save(new)
                 new = _attach(dm, new, mnt, state, log)
             except BaseException as e:
@@ -353,7 +387,11 @@ def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore, l
                     e.add_note(f"while undoing the start: {e2}")
                 raise
         log(f"checkpoint {name!r} active; /dev/mapper/{name} stayed in use throughout")
-        return new
+        if new.boot_attempts:
+            log(f"update checkpoint: the next {new.boot_attempts} boot(s) may try the update; "
+                f"'fiesnap commit {name}' (or fiesnap-boot-complete.service) keeps it, and an "
+                "activate that finds them all used rolls it back")
+        return new, True
 
 
 def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log) -> CheckpointRecord:

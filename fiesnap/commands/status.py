@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fiesnap.commands.guards import require_root
-from fiesnap.kernel import blockdev
+from fiesnap.kernel import blockdev, boot
+from fiesnap.model.lifecycle import BootAttempts, attempts_of
 from fiesnap.model.record import CheckpointRecord
 from fiesnap.model.snapstatus import SnapshotUsage
 from fiesnap.services.stack import StackNames, snapshot_usage, suspended_devices
@@ -20,6 +21,8 @@ class CheckpointStatus:
     mounted_on: tuple[str, ...]
     #: devices of the stack left suspended (by a killed command): writes wait on them.
     suspended: tuple[str, ...] = ()
+    #: an update checkpoint's boot attempts (None: it counts none).
+    attempts: BootAttempts | None = None
 
     def to_dict(self) -> dict:
         r = self.record
@@ -50,6 +53,8 @@ class CheckpointStatus:
             "checkpoint_id": r.checkpoint_id or None,
             "bypass": r.bypass or None,
             "suspended": list(self.suspended),
+            "boot_attempts": self.attempts.to_dict() if self.attempts else None,
+            "auto_rollback": r.auto_rollback or None,
         }
 
 
@@ -76,4 +81,5 @@ def status_of(dm, r: CheckpointRecord) -> CheckpointStatus:
         st = usage.state
     origin = dm.info(names.origin)
     mounted = tuple(blockdev.mounts_of(origin.major, origin.minor)) if origin else ()
-    return CheckpointStatus(r, st, usage, mounted, tuple(suspended_devices(dm, r)))
+    return CheckpointStatus(r, st, usage, mounted, tuple(suspended_devices(dm, r)),
+                            attempts_of(r, boot.boot_id()))

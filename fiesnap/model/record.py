@@ -11,6 +11,10 @@ A state change returns a new record (`with_phase`, `with_checkpoint`,
 move between are one table, `TRANSITIONS` (also in docs/design.md): a record
 that would skip a step (say, from `active` straight to `copied`) is a bug,
 and `with_phase` refuses it.
+
+One module because a field, the state changes that set it and the parser
+that checks it on the way in change together; split, a field added to the
+record and forgotten by the parser would be trusted unchecked.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from fiesnap.model.seeding import SeedLayout, seeded_cow_table
 from fiesnap.model.units import is_int
 
 RECORD_VERSION = 1
+
+#: far more boots than any boot loader tries; a larger count is a typo.
+MAX_BOOT_ATTEMPTS = 100
 
 #: header + first metadata area + at least one data chunk, with room to spare.
 MIN_STORE_CHUNKS = 8
@@ -78,6 +85,13 @@ def validate_name(name: str) -> str:
             "fiesnap's own devices; choose another name"
         )
     return name
+
+
+def check_boot_attempts(attempts: int) -> int:
+    if not is_int(attempts) or not 1 <= attempts <= MAX_BOOT_ATTEMPTS:
+        raise UsageError(f"--boot-attempts must be a whole number from 1 to {MAX_BOOT_ATTEMPTS}, "
+                         f"not {attempts!r}")
+    return attempts
 
 
 def store_map(extents: Iterable[Extent], chunk_bytes: int, seeded_areas: int = 0) -> CowTable:
@@ -160,6 +174,13 @@ class CheckpointRecord:
     #: the free map the seeded table was prepared from, when it is not `free_map` (an online
     #: start prepares it before the freeze and corrects it for the checkpoint-time map).
     seed_map: tuple[tuple[int, int], ...] = ()
+    #: an update checkpoint (model/lifecycle.py): boots of the new system it allows (0: not
+    #: one), how many activate has counted, the boot that counted the last one, and why
+    #: activate started rolling it back ("" unless it did).
+    boot_attempts: int = 0
+    attempts_used: int = 0
+    attempt_boot: str = ""
+    auto_rollback: str = ""
 
     # -- queries -----------------------------------------------------------
 
@@ -245,7 +266,23 @@ class CheckpointRecord:
             cow_table=cow, free_map=tuple((s, n) for s, n in free_map), created=created,
             identity_offset=identity_offset, generation=1, previous_identity=None, mode=mode,
             frozen_seconds=None, seal=None, built_boot="", built_at=0, bypass="",
-            seeded_areas=seeded_areas, seeded_chunks=0, seed_map=())
+            seeded_areas=seeded_areas, seeded_chunks=0, seed_map=(),
+            boot_attempts=0, attempts_used=0, attempt_boot="", auto_rollback="")
+
+    def with_boot_attempts(self, attempts: int) -> CheckpointRecord:
+        """An update checkpoint: activate counts each boot and rolls back after `attempts`."""
+        check_boot_attempts(attempts)
+        return replace(self, boot_attempts=attempts, attempts_used=0, attempt_boot="", auto_rollback="")
+
+    def attempt_counted(self, boot_id: str) -> CheckpointRecord:
+        """This boot is one more attempt of the new system."""
+        if self.attempts_used >= self.boot_attempts:
+            raise StateError(f"internal error: checkpoint {self.name!r} has no boot attempt left to count")
+        return replace(self, attempts_used=self.attempts_used + 1, attempt_boot=boot_id)
+
+    def rolling_back(self, why: str) -> CheckpointRecord:
+        """activate decided to roll back by itself: an interrupted rollback is finished at the next boot."""
+        return replace(self, auto_rollback=why)
 
     def with_free_map(self, free_map: Iterable[tuple[int, int]], *,
                       frozen_seconds: float | None = None, seeded_chunks: int = 0,
@@ -316,6 +353,8 @@ class CheckpointRecord:
             "generation": self.generation, "mode": self.mode, "notes": notes,
             "seeded_areas": self.seeded_areas, "seeded_chunks": self.seeded_chunks,
             "seed_map": [[s, n] for s, n in self.seed_map],
+            "boot_attempts": self.boot_attempts, "boot_attempts_used": self.attempts_used,
+            "attempt_boot": self.attempt_boot, "auto_rollback": self.auto_rollback,
         }
 
     def to_json(self) -> str:
@@ -458,6 +497,21 @@ class _Parser:
                 raise self.bad("seeded_chunks", "is set for a plain store")
             if cow is not None and cow.backed_chunks != cow.total_chunks:
                 raise self.bad("cow_table", "has unbacked stretches, which only a free-aware store has")
+        boot_attempts = self.int_("boot_attempts", 0)
+        attempts_used = self.int_("boot_attempts_used", 0)
+        attempt_boot = self.str_("attempt_boot", "", pattern=_BOOT_ID)
+        auto_rollback = self.str_("auto_rollback", "")
+        if boot_attempts > MAX_BOOT_ATTEMPTS:
+            raise self.bad("boot_attempts", f"exceeds {MAX_BOOT_ATTEMPTS}")
+        if attempts_used > boot_attempts:
+            raise self.bad("boot_attempts_used", f"is {attempts_used}, more than the {boot_attempts} allowed")
+        if boot_attempts and (not managed or not checkpoint_id):
+            raise self.bad("boot_attempts", "is set for a record that is not a checkpoint of a device under fiesnap")
+        if (attempt_boot or auto_rollback) and not boot_attempts:
+            raise self.bad("attempt_boot" if attempt_boot else "auto_rollback",
+                           "is set for a checkpoint that counts no boot attempts")
+        if auto_rollback and phase not in ("active", "merging", "copied"):
+            raise self.bad("auto_rollback", f"is set in phase {phase}")
         return CheckpointRecord(
             name=name, device=device,
             device_major=self.int_("device_major"), device_minor=self.int_("device_minor"),
@@ -479,4 +533,6 @@ class _Parser:
             mode=self.str_("mode", "offline", choices=MODES),
             frozen_seconds=frozen, seal=seal, built_boot=built_boot, built_at=built_at, bypass=bypass,
             seeded_areas=seeded_areas, seeded_chunks=seeded_chunks, seed_map=seed_map,
+            boot_attempts=boot_attempts, attempts_used=attempts_used, attempt_boot=attempt_boot,
+            auto_rollback=auto_rollback,
         )

@@ -189,7 +189,8 @@ def test_activate_passthrough_creates_the_passthrough(env):
     (res,) = env.activate("cp")
     assert (res.name, res.result, res.detail) == ("cp", "activated", "passthrough")
     assert env.events == [("find_device", "cp"), ("create_passthrough", "cp", "254:16")]
-    assert res.to_dict() == {"name": "cp", "result": "activated", "detail": "passthrough", "bypass": ""}
+    assert res.to_dict() == {"name": "cp", "result": "activated", "detail": "passthrough", "bypass": "",
+                             "boot_attempts": None}
 
 
 def test_activate_passthrough_already_active(env):

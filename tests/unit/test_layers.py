@@ -51,7 +51,10 @@ def _imports(path: Path) -> list[str]:
 def test_every_module_is_in_a_layer():
     top = {p.name for p in PKG.glob("*.py")}
     assert top == {"__init__.py", "__main__.py", "cli.py", "clirun.py", "errors.py"}
-    assert {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"} == {*LAYERS, "systemd"}
+    # besides the layers, folders of files installed as they are (unit files, an apt hook)
+    data = {"systemd", "hooks"}
+    assert {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"} == {*LAYERS, *data}
+    assert not [p for d in data for p in (PKG / d).rglob("*.py")]
     for layer in LAYERS:
         assert len(_modules(layer)) > 1
 

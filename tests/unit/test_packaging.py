@@ -45,7 +45,9 @@ def test_the_build_holds_every_module_of_the_tree(built):
         for src in (REPO / pkg).rglob("*.py"):
             rel = src.relative_to(REPO)
             assert (built / rel).is_file(), f"{rel} would not be installed"
-    assert (built / "fiesnap" / "systemd" / "fiesnap-activate.service").is_file()
+    for data in ("systemd/fiesnap-activate.service", "systemd/fiesnap-monitor.service",
+                 "systemd/fiesnap-boot-complete.service", "hooks/80fiesnap-checkpoint.apt.conf"):
+        assert (built / "fiesnap" / data).is_file(), f"{data} would not be installed"
 
 
 def test_the_installed_commands_import(built, tmp_path):
