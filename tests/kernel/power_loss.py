@@ -28,6 +28,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from tests.kernel import scenario as sc  # noqa: E402
+from tests.kernel.boot_script import (  # noqa: E402
+    BOOT,
+    CARRY,
+    LAB_POWEROFF,
+    STATE,
+    STATE_MNT,
+    carry,
+    fiesnap,
+    jsonable,
+    say,
+)
 from tests.kernel.helpers import (  # noqa: E402
     MiB,
     device_digest,
@@ -36,42 +47,12 @@ from tests.kernel.helpers import (  # noqa: E402
     lab_disks,
     make_fs,
     mount_at,
-    run_fiesnap,
     tree_digest,
     umount,
 )
 
-LAB_POWEROFF = 99  # tests/lab: the wrapper cuts the power without syncing
-BOOT = int(os.environ.get("FIESNAP_LAB_BOOT", "0"))
-CARRY = os.environ.get("FIESNAP_LAB_CARRY", "")
-STATE_MNT = "/run/fiesnap-state"
-STATE = f"{STATE_MNT}/state"
 KINDS = {"e4": "ext4-4k", "xf": "xfs"}
 STORES = {"e4": "--free-aware", "xf": "--plain"}
-
-
-def say(msg: str) -> None:
-    print(f"boot {BOOT}: {msg}", flush=True)
-
-
-def fiesnap(*args: str, check: bool = True, kill_after_writes: int | None = None):
-    p = run_fiesnap(*args, state_dir=STATE, kill_after_writes=kill_after_writes)
-    if check and p.returncode != 0:
-        raise AssertionError(f"fiesnap {' '.join(args)} -> {p.returncode}: {p.stderr}")
-    return p
-
-
-def carry(name: str, data: dict | None = None) -> dict:
-    path = os.path.join(CARRY, f"{name}.json")
-    if data is not None:
-        with open(path, "w") as f:
-            json.dump(data, f)
-    with open(path) as f:
-        return json.load(f)
-
-
-def jsonable(tree: dict) -> dict:
-    return json.loads(json.dumps(tree))
 
 
 def without_writer(tree: dict) -> dict:

@@ -142,7 +142,8 @@ def test_deactivate_then_activate_keeps_the_checkpoint(lab):
     assert lab.status("cp")["state"] == "inactive"
 
     out = json.loads(lab.fiesnap("activate", "cp", "--json").stdout)
-    assert out["activated"] == [{"name": "cp", "result": "activated", "detail": "checkpoint", "bypass": ""}]
+    assert out["activated"] == [{"name": "cp", "result": "activated", "detail": "checkpoint", "bypass": "",
+                                 "boot_attempts": None}]
     assert lab.status("cp")["used_bytes"] == used, "activate must load the existing store, never zero it"
     again = json.loads(lab.fiesnap("activate", "--all", "--json").stdout)
     assert again["activated"][0]["result"] == "already active"

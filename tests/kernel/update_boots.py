@@ -10,8 +10,9 @@ with `fiesnap activate --all`, exactly what fiesnap-activate.service runs.
 boot 1  set up the three; checkpoint e4 and xf online with --boot-attempts 1 (and check that
         --unless-active starts nothing more); the "update" churns both, syncs, writes more
         without syncing; power cut.
-boot 2  the attempt: activate counts it (1 of 1) before exposing; activate again counts
-        nothing; the update's data is visible; more written. A real `apt-get install` of a
+boot 2  the attempt: activate counts it (1 of 1) before exposing (killed right after the
+        count, before any dm device: the next activate of this boot counts nothing more);
+        activate again counts nothing; the update's data is visible; more written. A real `apt-get install` of a
         local package with the shipped apt hook installed starts a checkpoint of ok before
         dpkg runs (the package's postinst then writes onto ok); `apt-get remove` runs the hook
         again and starts nothing. Power cut, nothing committed.
@@ -31,12 +32,22 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 from tests.kernel import scenario as sc  # noqa: E402
+from tests.kernel.boot_script import (  # noqa: E402
+    BOOT,
+    CARRY,
+    LAB_POWEROFF,
+    STATE,
+    STATE_MNT,
+    carry,
+    fiesnap,
+    jsonable,
+    say,
+)
 from tests.kernel.helpers import (  # noqa: E402
     MiB,
     device_digest,
@@ -45,46 +56,19 @@ from tests.kernel.helpers import (  # noqa: E402
     lab_disks,
     make_fs,
     mount_at,
-    run_fiesnap,
     tree_digest,
     umount,
 )
 
-LAB_POWEROFF = 99
-BOOT = int(os.environ.get("FIESNAP_LAB_BOOT", "0"))
-CARRY = os.environ.get("FIESNAP_LAB_CARRY", "")
-STATE_MNT = "/run/fiesnap-state"
-STATE = f"{STATE_MNT}/state"
 KINDS = {"e4": "ext4-4k", "xf": "xfs", "ok": "ext4-4k"}
 STORES = {"e4": "--free-aware", "xf": "--plain", "ok": "--free-aware"}
 UPDATED = ("update.txt", "data/new0.bin", "after-attempt.bin")
 APT_HOOK = os.path.join(REPO, "fiesnap", "hooks", "80fiesnap-checkpoint.apt.conf")
 PKG = "fiesnap-lab-update"
-T0 = time.monotonic()
-
-
-def say(msg: str) -> None:
-    print(f"boot {BOOT} +{time.monotonic() - T0:.0f}s: {msg}", flush=True)
-
-
-def fiesnap(*args: str, check: bool = True, **kw):
-    p = run_fiesnap(*args, state_dir=STATE, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"fiesnap {' '.join(args)} -> {p.returncode}: {p.stderr}")
-    return p
 
 
 def fiesnap_json(*args: str) -> dict:
     return json.loads(fiesnap(*args, "--json").stdout)
-
-
-def carry(name: str, data: dict | None = None) -> dict:
-    path = os.path.join(CARRY, f"{name}.json")
-    if data is not None:
-        with open(path, "w") as f:
-            json.dump(data, f)
-    with open(path) as f:
-        return json.load(f)
 
 
 def disks() -> dict[str, str]:
@@ -125,7 +109,7 @@ def boot1() -> int:
         sc.populate(mount(name))
     for name in ("e4", "xf"):
         mnt = f"/tmp/m-{name}"
-        before = json.loads(json.dumps(tree_digest(mnt)))
+        before = jsonable(tree_digest(mnt))
         out = fiesnap_json("start", name, "--size", "48M", STORES[name], "--boot-attempts", "1")
         assert out["started"] and out["boot_attempts"] == {"allowed": 1, "used": 0, "left": 1,
                                                            "on_trial": False}, out
@@ -195,9 +179,17 @@ def apt(*args: str) -> subprocess.CompletedProcess:
     return p
 
 
+SAVE = ("fiesnap.services.statedir", "StateStore", "save")
+
+
 def boot2() -> int:
     dev = disks()
     mount_at(dev["state"], STATE_MNT)
+    # killed right after saving e4's attempt, before its stack: the attempt stays spent, once
+    p = fiesnap("activate", "--all", check=False, kill_after=(SAVE, 1))
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    assert sc.load_record(STATE, "e4").raw["boot_attempts_used"] == 1
+    assert not os.path.exists("/dev/mapper/e4"), "exposed after a kill before its stack"
     got = activated()
     for name in ("e4", "xf"):
         r = got[name]
@@ -234,7 +226,7 @@ def boot2() -> int:
     assert "holds a checkpoint already" in p.stdout + p.stderr, "the hook did not run again"
     rec2 = sc.load_record(STATE, "ok")
     assert rec2.raw["checkpoint_id"] == rec.raw["checkpoint_id"], "a second checkpoint was started"
-    carry("ok", {"before": json.loads(json.dumps(before_ok)), "checkpoint_id": rec.raw["checkpoint_id"]})
+    carry("ok", {"before": jsonable(before_ok), "checkpoint_id": rec.raw["checkpoint_id"]})
     assert status()["ok"]["boot_attempts"] == {"allowed": 1, "used": 0, "left": 1, "on_trial": False}
     say("ok: apt's hook took one checkpoint before dpkg ran, and none when it ran again")
     os.sync()
@@ -282,7 +274,7 @@ def rolled_back(name: str) -> None:
     ok, log = fsck_clean(f"/dev/mapper/{name}", kind)
     assert ok, f"{name}: fsck: {log}"
     mnt = mount_at(f"/dev/mapper/{name}", f"/tmp/m-{name}", options="ro")
-    tree = json.loads(json.dumps(tree_digest(mnt)))
+    tree = jsonable(tree_digest(mnt))
     assert tree == c["before"], f"{name}: checkpoint-time files differ"
     for later in UPDATED + ("unsynced.bin",):
         assert not os.path.exists(os.path.join(mnt, later)), f"{name}: {later} survived the rollback"
