@@ -171,7 +171,7 @@ def activate(name: str | None, dm_factory, state: StateStore, log: Log, *,
         for r in records:
             while True:
                 try:
-                    # Read again on every try: a try that failed may have counted an attempt.
+                    # Read again on every try: one that failed may have saved (counted, relocated).
                     results.append(_activate_one(dm, state.load(r.name), state, log, boot_id))
                     break
                 except FiesnapError as e:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_activate import BOOT, OLD_BOOT, Env, _active, _passthrough
 
 from fiesnap.commands import activate, commit, start
-from fiesnap.errors import RefusedError, StateError, UsageError
+from fiesnap.errors import DeviceError, RefusedError, StateError, UsageError
 from fiesnap.model.lifecycle import COUNT, EXPOSE, ROLL_BACK, attempts_of, commits_at_boot_complete, decide_at_boot
 from fiesnap.model.record import MAX_BOOT_ATTEMPTS, CheckpointRecord
 from fiesnap.services.statedir import StateStore
@@ -355,3 +355,22 @@ def test_unless_active_leaves_a_checkpoint_as_it_is(env, monkeypatch):
     assert any("holds a checkpoint already" in m for m in env.logged)
     with pytest.raises(RefusedError, match="has a checkpoint already"):
         start.start(start.StartRequest("cp", 64 << 20), lambda: env.dm, env.state, env.logged.append)
+
+
+def test_a_retried_activate_does_not_count_the_same_boot_again(env, monkeypatch):
+    """--wait retries a name whose device was not ready: the try that failed after counting
+    must not make the retry count a second attempt (records are read again per try)."""
+    env.state.save(_update(3, 0))
+    build = env._build_stack
+    fails = [DeviceError("/dev/vdcp is not there yet")]
+
+    def build_stack(dm, record, **kw):
+        if fails:
+            raise fails.pop()
+        return build(dm, record, **kw)
+
+    monkeypatch.setattr(activate, "build_stack", build_stack)
+    (res,) = env.activate(None, wait_seconds=5)
+    assert res.result == "activated" and ("sleep", 0.5) in env.events
+    assert env.state.load("cp").attempts_used == 1
+    assert sum("boot attempt" in m for m in env.logged) == 1, env.logged  # counted once, not recounted
