@@ -79,6 +79,7 @@ from fiesnap.services.stack import (
     passthrough_targets,
     reload_as_passthrough,
     snapshot_store_type,
+    snapshot_usage,
     switch_to_origin,
     unwind,
 )
@@ -117,7 +118,7 @@ def start_unless_active(req: StartRequest, dm_factory, state: StateStore,
     managed = resolve_target(req.target, state)
     if managed is None:
         if req.unless_active and state.exists(_offline_name(req)):
-            return _already(state.load(_offline_name(req)), log), False
+            return _already(state.load(_offline_name(req)), dm_factory(), log), False
         if req.boot_attempts:
             raise UsageError(
                 f"--boot-attempts needs a device under fiesnap (the boot unit mounts /dev/mapper/NAME "
@@ -132,9 +133,22 @@ def _offline_name(req: StartRequest) -> str:
     return validate_name(req.name or os.path.basename(os.path.realpath(req.target)))
 
 
-def _already(record: CheckpointRecord, log: Log) -> CheckpointRecord:
-    log(f"{record.name!r} holds a checkpoint already ({record.phase}, started {record.created}): "
-        "none started")
+def _already(record: CheckpointRecord, dm, log: Log) -> CheckpointRecord:
+    """--unless-active: a checkpoint that can still roll back is the one to keep. Anything else
+    (an interrupted start, commit or rollback; a store the kernel gave up) is no way back, and
+    an update hook must stop on it, not go on unprotected."""
+    name = record.name
+    if record.phase != "active":
+        raise RefusedError(
+            f"{name!r} holds a checkpoint that is not active ({record.phase}): it cannot roll an "
+            f"update back; finish it first ('fiesnap status {name}' says how), then run again")
+    if dm.info(StackNames.for_name(name).snap) is not None:
+        usage = snapshot_usage(dm, record)
+        if usage.state != "active":
+            raise RefusedError(
+                f"{name!r} holds a checkpoint that is {usage.state}: it can no longer roll back; "
+                f"'fiesnap commit {name}' ends it, then run again")
+    log(f"{name!r} holds a checkpoint already (started {record.created}): none started")
     return record
 
 
@@ -327,7 +341,7 @@ def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore,
     with state.locked():
         record = state.load(name)
         if req.unless_active and record.has_checkpoint:
-            return _already(record, log), False
+            return _already(record, dm_factory(), log), False
         if not record.managed:
             raise RefusedError(f"{name!r} is a checkpoint of its own, not a device under fiesnap")
         if record.phase != "passthrough":

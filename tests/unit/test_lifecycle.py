@@ -374,3 +374,26 @@ def test_a_retried_activate_does_not_count_the_same_boot_again(env, monkeypatch)
     assert res.result == "activated" and ("sleep", 0.5) in env.events
     assert env.state.load("cp").attempts_used == 1
     assert sum("boot attempt" in m for m in env.logged) == 1, env.logged  # counted once, not recounted
+
+
+@pytest.mark.parametrize("phase", ["starting", "merging", "committing"])
+def test_unless_active_refuses_a_checkpoint_that_cannot_roll_back(env, monkeypatch, phase):
+    """An update hook must stop on an interrupted checkpoint, not go on unprotected."""
+    monkeypatch.setattr(start, "require_root", lambda: None)
+    env.state.save(_update(3, 0, phase=phase))
+    with pytest.raises(RefusedError, match=f"not active \\({phase}\\)"):
+        start.start(start.StartRequest("cp", 64 << 20, boot_attempts=3, unless_active=True),
+                    lambda: env.dm, env.state, env.logged.append)
+    assert env.state.load("cp").phase == phase
+
+
+def test_unless_active_refuses_a_store_the_kernel_gave_up(env, monkeypatch):
+    from test_activate import _info
+
+    monkeypatch.setattr(start, "require_root", lambda: None)
+    env.state.save(_update(3, 0))
+    env.dm.present.update({"cp": _info(1), "cp-snap": _info(2), "cp-cow": _info(3)})
+    env.dm.status = lambda name: [(0, 100, "snapshot", "Overflow")]
+    with pytest.raises(RefusedError, match="holds a checkpoint that is overflowed"):
+        start.start(start.StartRequest("cp", 64 << 20, unless_active=True),
+                    lambda: env.dm, env.state, env.logged.append)
