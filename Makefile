@@ -3,11 +3,12 @@
 #   make test    install what is missing (Debian packages, .venv, lab kernel and udev), then
 #                run the host unit tests, the real-kernel tests in the VM lab, the lab's
 #                two-boot self-test, the udev tests (a guest running udevd), the
-#                three-boot power-cut tests and the five-boot update-lifecycle tests
+#                power-cut tests (three boots, then two of an instant rollback) and the
+#                five-boot update-lifecycle tests
 #   make demo    same setup, then the demo script in a lab guest
 #   make lab     setup only
-#   make unit / kernel-tests / lab-selftest / udev-tests / power-cut-tests / update-boot-tests
-#                one part of `make test`
+#   make unit / kernel-tests / lab-selftest / udev-tests / power-cut-tests / update-boot-tests /
+#                instant-boot-tests    one part of `make test`
 #   make kernel-tests-plain   the real-kernel suite with every `fiesnap start` that does not name
 #                a store making a plain one (`make test` runs it with the default, free-aware
 #                store; the dm-snapshot trap tests and the power cuts run both stores there)
@@ -47,13 +48,15 @@ POWER_CUT_TESTS := $(VPY) -m tests.lab boots tests/kernel/power_loss.py --boots 
 # Boot attempts counted, automatic rollback (and a power cut in it), commit at boot-complete,
 # the apt hook under a real apt-get run.
 UPDATE_BOOT_TESTS := $(VPY) -m tests.lab boots tests/kernel/update_boots.py --boots 5 --disks 4 --timeout 900
+# Power cuts during an instant rollback: mid-handover and mid-kernel-merge, resumed by activate.
+INSTANT_BOOT_TESTS := $(VPY) -m tests.lab boots tests/kernel/instant_boots.py --boots 2 --disks 4 --timeout 900
 # Crash-consistency replay, wide: the lab passes no environment into the guest, so the count
 # travels as a pytest option (registered by loading tests/kernel/crash_replay.py as a plugin).
 FIESNAP_CRASH_POINTS ?= 120
 CRASH_REPLAY := $(VPY) -m tests.lab kernel-tests --shards 1 $(LAB_ARGS) -- -p tests.kernel.crash_replay \
 	--crash-points $(FIESNAP_CRASH_POINTS) tests/kernel/test_crash_replay.py
 
-.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests kernel-tests-plain lab-selftest udev-tests power-cut-tests update-boot-tests crash-replay bench clean-lab
+.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests kernel-tests-plain lab-selftest udev-tests power-cut-tests update-boot-tests instant-boot-tests crash-replay bench clean-lab
 
 lab: sysdeps venv kernel udev
 
@@ -101,6 +104,9 @@ power-cut-tests: lab
 update-boot-tests: lab
 	$(UPDATE_BOOT_TESTS)
 
+instant-boot-tests: lab
+	$(INSTANT_BOOT_TESTS)
+
 crash-replay: lab
 	$(CRASH_REPLAY)
 
@@ -113,12 +119,12 @@ test: lab
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS) || unit=$$?; \
 	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS) || kern=$$?; \
 	log=$$(mktemp); \
-	$(POWER_CUT_TESTS) >"$$log" 2>&1 & ppid=$$!; \
+	{ $(POWER_CUT_TESTS) && $(INSTANT_BOOT_TESTS); } >"$$log" 2>&1 & ppid=$$!; \
 	$(LAB_SELFTEST) || boots=$$?; \
 	$(UDEV_TESTS) || udev=$$?; \
 	$(UPDATE_BOOT_TESTS) || update=$$?; \
 	wait $$ppid || power=$$?; \
-	echo "----- power-cut tests: $(POWER_CUT_TESTS)"; cat "$$log"; rm -f "$$log"; \
+	echo "----- power-cut tests: $(POWER_CUT_TESTS), then $(INSTANT_BOOT_TESTS)"; cat "$$log"; rm -f "$$log"; \
 	if [ $$unit != 0 ] || [ $$kern != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ] || [ $$power != 0 ] \
 	   || [ $$update != 0 ]; then \
 	  echo "make test: FAILED (unit tests exit $$unit, kernel tests exit $$kern," \
@@ -134,6 +140,7 @@ bench: lab
 	done; \
 	$(VPY) -m tests.lab script benchmarks/bow_bench.py --disks 3 --disk-size 1G --timeout 1500 || rc=$$?; \
 	$(VPY) -m tests.lab script benchmarks/free_aware_bench.py --disks 1 --disk-size 86G --timeout 1800 || rc=$$?; \
+	$(VPY) -m tests.lab script benchmarks/instant_bench.py --disks 1 --disk-size 2G --timeout 1800 || rc=$$?; \
 	exit $$rc
 
 demo: lab

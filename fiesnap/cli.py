@@ -21,6 +21,7 @@ from fiesnap.commands import setup as setup_cmd
 from fiesnap.commands import start as start_cmd
 from fiesnap.commands import status as status_cmd
 from fiesnap.commands.guards import DEFAULT_FREE_AWARE
+from fiesnap.commands.instant import InstantResult
 from fiesnap.commands.monitor import run_monitor
 from fiesnap.errors import FiesnapError, RefusedError, UsageError
 from fiesnap.model.monitor_policy import MonitorPolicy, parse_step
@@ -286,6 +287,11 @@ def status(
                                              if a["on_trial"] else ""), markup=False)
         if r["auto_rollback"]:
             out.print(f"{r['name']}: rolling back by itself: {r['auto_rollback']}", markup=False)
+        m = r["kernel_merge"]
+        if m:
+            out.print(f"{r['name']}: kernel merge " + ("complete: 'fiesnap merge' (or the monitor) finishes it"
+                      if m["complete"] else f"{m['percent_done']}% done, {m['remaining']} of {m['entries']} "
+                      "chunks left; the checkpoint is on /dev/mapper/" + r["name"]), markup=False)
         if r["bypass"]:
             out.print(f"{r['name']}: cannot be rolled back: {r['bypass']}", markup=False)
         if r["suspended"]:
@@ -328,10 +334,20 @@ def commit(
         out.print(f"checkpoint {name} committed ({result})", markup=False)
 
 
-def _merge(name: str, keep_store: bool, as_json: bool) -> None:
+def _merge(name: str, keep_store: bool, as_json: bool, instant: bool = False) -> None:
     show_bar = not as_json and err.is_terminal
     result = merge_cmd.merge(name, _dm_factory, StateStore(), _log, keep_store=keep_store,
-                       progress_factory=_RichProgress if show_bar else None)
+                             progress_factory=_RichProgress if show_bar else None, instant=instant)
+    if isinstance(result, InstantResult):
+        if as_json:
+            _emit_json(result.to_dict())
+        elif result.result == "merging":
+            out.print(f"{name}: the checkpoint is on /dev/mapper/{name} now (mount it); the kernel is "
+                      f"merging {result.entries} chunks back ('fiesnap merge {name}' waits and finishes)",
+                      markup=False)
+        else:
+            out.print(f"rolled back {name}: the kernel merged {result.entries} chunks", markup=False)
+        return
     data = {
         "name": name,
         "runs": result.runs if result else 0,
@@ -353,12 +369,21 @@ _JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout."
 
 @app.command()
 def merge(name: str = typer.Argument(..., help="Checkpoint to roll back to."), keep_store: bool = _KEEP,
+          instant: bool = typer.Option(
+              False, "--instant",
+              help="Hand the store to the kernel's snapshot-merge: /dev/mapper/NAME shows the checkpoint "
+                   "at once and may be mounted while the kernel copies back; run merge again to wait "
+                   "and finish (docs/design.md, 'Instant rollback')."),
           as_json: bool = _JSON) -> None:
     """Roll back: copy the saved chunks back onto the device (filesystem must be unmounted).
 
-    Safe to re-run after an interruption (kill, power loss): it finishes the job exactly.
+    Safe to re-run after an interruption (kill, power loss): it finishes the job exactly. During
+    a kernel merge (--instant), waits for it and finishes, also with the filesystem mounted.
     """
-    _merge(name, keep_store, as_json)
+    if instant and keep_store:
+        raise UsageError("--keep-store goes with the merge that finishes: 'fiesnap merge NAME --keep-store' "
+                         "once the kernel has merged")
+    _merge(name, keep_store, as_json, instant)
 
 
 @app.command("rollback")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from fiesnap.commands.guards import Log, require_root
 from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, RefusedError
+from fiesnap.commands import instant
 from fiesnap.commands.merge import merge_locked
 from fiesnap.kernel import boot
 from fiesnap.kernel.locate import Wanted, find_device
@@ -66,6 +67,11 @@ def _activate_one(dm, record: CheckpointRecord, state: StateStore, log: Log, boo
     names = StackNames.for_name(name)
     if record.phase in ("merging", "copied") and record.auto_rollback:
         return _roll_back(dm, _locate(record, state), state, log)
+    if record.phase in ("handover", "kernel-merging"):
+        if dm.info(names.origin) is not None and record.phase == "kernel-merging":
+            return ActivateResult(name, "already active", "kernel merge")
+        instant.resume(dm, _locate(record, state), state, log)
+        return ActivateResult(name, "activated", "kernel merge")
     if record.phase in ("merging", "copied"):
         raise RefusedError(f"a rollback of {name!r} is under way: run 'fiesnap merge {name}' to finish it")
     if record.phase in ("starting", "committing"):

@@ -14,7 +14,7 @@ from fiesnap.commands.guards import Log, require_root, verify_device
 from fiesnap.errors import DeviceError, FiesnapError, RefusedError
 from fiesnap.kernel import blockdev, boot
 from fiesnap.model.lifecycle import attempts_of, commits_at_boot_complete
-from fiesnap.model.record import CheckpointRecord
+from fiesnap.model.record import ROLLBACK_PHASES, CheckpointRecord
 from fiesnap.services import storefile
 from fiesnap.services.stack import (
     StackNames,
@@ -89,7 +89,7 @@ def _commit_locked(dm, record: CheckpointRecord, state: StateStore, log: Log) ->
     name = record.name
     names = StackNames.for_name(name)
     resume_leftovers(dm, record, log)
-    if record.phase in ("merging", "copied"):
+    if record.phase in ROLLBACK_PHASES:
         raise RefusedError(
             f"a rollback of {name!r} is under way: run 'fiesnap merge {name}' to finish it"
         )

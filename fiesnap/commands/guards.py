@@ -8,7 +8,7 @@ from typing import Callable
 
 from fiesnap.errors import DeviceError, FilesystemError, NotRootError, UsageError
 from fiesnap.kernel import blockdev, fsprobe
-from fiesnap.model.record import MIN_STORE_CHUNKS, CheckpointRecord
+from fiesnap.model.record import MIN_STORE_CHUNKS, ROLLBACK_PHASES, CheckpointRecord
 from fiesnap.model.units import format_bytes
 
 Log = Callable[[str], None]
@@ -79,7 +79,7 @@ def verify_device(record: CheckpointRecord) -> None:
             f"checkpoint {record.name!r} was taken of {record.device_string} with "
             f"{record.device_bytes} bytes: refusing to touch it; reattach the original device"
         )
-    if record.phase in ("merging", "copied"):
+    if record.phase in ROLLBACK_PHASES:
         return
     try:
         uuid_now = fsprobe.probe_device(record.device).uuid

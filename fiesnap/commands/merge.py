@@ -13,13 +13,16 @@ leaves a checkpoint that `activate` or `commit` can still take.
 
 from __future__ import annotations
 
+from fiesnap.commands import instant as instant_cmd
 from fiesnap.commands.guards import Log, require_root, verify_device
+from fiesnap.commands.instant import InstantResult
 from fiesnap.errors import DeviceError, FiesnapError, RefusedError
 from fiesnap.kernel import blockdev
 from fiesnap.kernel.directio import probe_exclusive
 from fiesnap.model.record import CheckpointRecord
 from fiesnap.services import storefile
 from fiesnap.services.deviceseal import find_bypass
+from fiesnap.model.exstore import ExceptionTable
 from fiesnap.services.cowio import MergeResult, copy_back, make_plan, read_table
 from fiesnap.services.stack import (
     StackNames,
@@ -34,20 +37,45 @@ from fiesnap.services.statedir import StateStore
 
 
 def merge(name: str, dm_factory, state: StateStore, log: Log, *, keep_store: bool = False,
-          progress_factory=None) -> MergeResult | None:
-    """Roll back to the checkpoint. Safe to re-run after an interruption."""
+          progress_factory=None, instant: bool = False) -> MergeResult | InstantResult | None:
+    """Roll back to the checkpoint. Safe to re-run after an interruption.
+
+    `instant`: hand the store to the kernel's snapshot-merge (commands/instant.py) and return
+    at once. Without it, a rollback the kernel is doing is waited for and finished."""
     require_root()
     with state.locked():
-        return merge_locked(dm_factory(), state.load(name), state, log, keep_store=keep_store,
+        dm, record = dm_factory(), state.load(name)
+        if instant:
+            return _merge_instant(dm, record, state, log)
+        if record.phase in ("handover", "kernel-merging"):
+            resume_leftovers(dm, record, log)
+            if record.phase == "handover":
+                record = instant_cmd.hand_over(dm, record, state, log)
+            return instant_cmd.wait_and_finish(dm, record, state, log, progress_factory,
+                                               keep_store=keep_store)
+        return merge_locked(dm, record, state, log, keep_store=keep_store,
                             progress_factory=progress_factory)
 
 
-def merge_locked(dm, record: CheckpointRecord, state: StateStore, log: Log, *, keep_store: bool = False,
-                 progress_factory=None) -> MergeResult | None:
-    """The merge, with the state folder locked by the caller (merge, or activate rolling back)."""
+def _merge_instant(dm, record: CheckpointRecord, state: StateStore, log: Log) -> InstantResult:
     name = record.name
     names = StackNames.for_name(name)
     resume_leftovers(dm, record, log)
+    _refuse_ended(record)
+    if record.phase in ("merging", "copied"):
+        raise RefusedError(f"an offline rollback of {name!r} is under way: 'fiesnap merge {name}' finishes it")
+    if record.phase == "active":
+        verify_device(record)
+        instant_cmd.refuse_unsafe(record)
+        _refuse_mounted(dm, record, names)
+        record = _refuse_bypassed(dm, record, names, state)
+        instant_cmd.refuse_unsafe(record, real=len(_precheck(dm, record, names).entries))
+        _refuse_open(dm, names)
+    return instant_cmd.merge_instant(dm, record, state, log)
+
+
+def _refuse_ended(record: CheckpointRecord) -> None:
+    name = record.name
     if record.phase == "starting":
         raise RefusedError(
             f"checkpoint {name!r} never finished starting: nothing to roll back; "
@@ -57,7 +85,9 @@ def merge_locked(dm, record: CheckpointRecord, state: StateStore, log: Log, *, k
         raise RefusedError(
             f"checkpoint {name!r} was committed: there is nothing to roll back"
         )
-    verify_device(record)
+
+
+def _refuse_mounted(dm, record: CheckpointRecord, names: StackNames) -> None:
     where = blockdev.mounts_anywhere(record.device_major, record.device_minor)
     for n in names.all():
         info = dm.info(n)
@@ -67,16 +97,33 @@ def merge_locked(dm, record: CheckpointRecord, state: StateStore, log: Log, *, k
         raise RefusedError(
             f"the filesystem is mounted on {', '.join(where)}: unmount it, then run merge again"
         )
+
+
+def _refuse_open(dm, names: StackNames) -> None:
+    for n in (names.origin, names.snap):
+        info = dm.info(n)
+        if info is not None and info.open_count:
+            raise DeviceError(
+                f"/dev/mapper/{n} is open by another program: close it and run merge again"
+            )
+
+
+def merge_locked(dm, record: CheckpointRecord, state: StateStore, log: Log, *, keep_store: bool = False,
+                 progress_factory=None) -> MergeResult | None:
+    """The merge, with the state folder locked by the caller (merge, or activate rolling back)."""
+    name = record.name
+    names = StackNames.for_name(name)
+    resume_leftovers(dm, record, log)
+    _refuse_ended(record)
+    if record.phase in ("handover", "kernel-merging"):
+        raise RefusedError(f"the kernel is rolling {name!r} back: 'fiesnap merge {name}' waits for it")
+    verify_device(record)
+    _refuse_mounted(dm, record, names)
     result = None
     if record.phase == "active":
         record = _refuse_bypassed(dm, record, names, state)
         _precheck(dm, record, names)
-        for n in (names.origin, names.snap):
-            info = dm.info(n)
-            if info is not None and info.open_count:
-                raise DeviceError(
-                    f"/dev/mapper/{n} is open by another program: close it and run merge again"
-                )
+        _refuse_open(dm, names)
     if record.phase in ("active", "merging"):
         # Origin first: once it is gone nothing can write to the device, and
         # removing the snapshot afterwards cannot let an unsaved write through.
@@ -167,8 +214,9 @@ def _finish(dm, record: CheckpointRecord, state: StateStore, log: Log, *, keep_s
     log(f"rolled {record.device} back to checkpoint {name!r} of {record.created}")
 
 
-def _precheck(dm, record: CheckpointRecord, names: StackNames) -> None:
-    """Refuse before changing anything: invalid/overflowed snapshot, unreadable store."""
+def _precheck(dm, record: CheckpointRecord, names: StackNames) -> ExceptionTable:
+    """Refuse before changing anything: invalid/overflowed snapshot, unreadable store.
+    Returns the table as read now."""
     snap = dm.info(names.snap)
     if snap is not None:
         usage = snapshot_usage(dm, record)
@@ -186,3 +234,4 @@ def _precheck(dm, record: CheckpointRecord, names: StackNames) -> None:
     finally:
         if created_cow:
             remove_if_present(dm, names.cow)
+    return table

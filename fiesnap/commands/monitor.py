@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from fiesnap.commands.extend import ExtendResult, extend, fs_room
+from fiesnap.commands import instant
 from fiesnap.commands.guards import require_root
 from fiesnap.commands.status import status_of
 from fiesnap.errors import FiesnapError, StateBusyError
@@ -238,9 +239,23 @@ def run_monitor(name: str | None, policy: MonitorPolicy, dm_factory, state: Stat
     dm = dm_factory()
 
     def names() -> list[str]:
+        finish_kernel_merges()
         if name:
             return [name]
         return [r.name for r in state.load_all() if r.phase == "active"]
+
+    def finish_kernel_merges() -> None:
+        """An instant rollback the kernel has completed is finished here (commands/instant.py)."""
+        for r in state.load_all():
+            if r.phase != "kernel-merging" or name not in (None, r.name):
+                continue
+            try:
+                with state.locked():
+                    instant.finish_if_complete(dm, state, r.name, lambda m: log("info", m))
+            except StateBusyError:
+                pass  # a command holds the lock (a waiting 'fiesnap merge' finishes it itself)
+            except FiesnapError as e:
+                log("error", f"{r.name}: the kernel merge could not be finished: {e}")
 
     def sample(n: str) -> Sample:
         if suspended_devices(dm, state.load(n)):

@@ -9,6 +9,7 @@ from fiesnap.kernel import blockdev, boot
 from fiesnap.model.lifecycle import BootAttempts, attempts_of
 from fiesnap.model.record import CheckpointRecord
 from fiesnap.model.snapstatus import SnapshotUsage
+from fiesnap.services.kernelmerge import merge_usage, progress_of
 from fiesnap.services.stack import StackNames, snapshot_usage, suspended_devices
 from fiesnap.services.statedir import StateStore
 
@@ -23,6 +24,8 @@ class CheckpointStatus:
     suspended: tuple[str, ...] = ()
     #: an update checkpoint's boot attempts (None: it counts none).
     attempts: BootAttempts | None = None
+    #: a kernel merge's progress (services/kernelmerge.py progress_of; None: none running).
+    kernel_merge: dict | None = None
 
     def to_dict(self) -> dict:
         r = self.record
@@ -55,6 +58,7 @@ class CheckpointStatus:
             "suspended": list(self.suspended),
             "boot_attempts": self.attempts.to_dict() if self.attempts else None,
             "auto_rollback": r.auto_rollback or None,
+            "kernel_merge": self.kernel_merge,
         }
 
 
@@ -70,8 +74,12 @@ def status(dm_factory, state: StateStore, name: str | None) -> list[CheckpointSt
 def status_of(dm, r: CheckpointRecord) -> CheckpointStatus:
     names = StackNames.for_name(r.name)
     usage = None
+    merge = None
     if r.phase == "passthrough":
         st = "passthrough" if dm.info(names.origin) is not None else "inactive"
+    elif r.phase == "kernel-merging":
+        st = "kernel-merging" if dm.info(names.origin) is not None else "inactive"
+        merge = progress_of(merge_usage(dm, r), r)
     elif r.phase != "active":
         st = r.phase
     elif dm.info(names.snap) is None:
@@ -82,4 +90,4 @@ def status_of(dm, r: CheckpointRecord) -> CheckpointStatus:
     origin = dm.info(names.origin)
     mounted = tuple(blockdev.mounts_of(origin.major, origin.minor)) if origin else ()
     return CheckpointStatus(r, st, usage, mounted, tuple(suspended_devices(dm, r)),
-                            attempts_of(r, boot.boot_id()))
+                            attempts_of(r, boot.boot_id()), merge)

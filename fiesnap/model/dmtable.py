@@ -86,6 +86,14 @@ def snapshot(
     return DmTarget(0, length, "snapshot", params)
 
 
+def snapshot_merge(length: int, origin_device: str, cow_device: str, chunk_sectors: int) -> DmTarget:
+    """`0 length snapshot-merge origin cow P chunk_sectors`: the device itself, showing the
+    snapshot's content while the kernel merges it back (persistent stores only). It takes the
+    place of snapshot-origin, which must not be loaded for the same origin at the same time."""
+    t = snapshot(length, origin_device, cow_device, "P", chunk_sectors)
+    return DmTarget(0, length, "snapshot-merge", t.params)
+
+
 def format_table(targets: Iterable[DmTarget]) -> str:
     """dmsetup-style table text: one `start length type params` line per
     target, newline-separated, no trailing newline."""

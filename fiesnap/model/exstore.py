@@ -143,6 +143,7 @@ def read_exception_table(
     data_start: int = FIRST_DATA_CHUNK,
     is_backed: Callable[[int], bool] = lambda n: True,
     converted: Sequence[tuple[int, int]] = (),
+    seeded_unchecked: bool = False,
 ) -> ExceptionTable:
     """Read and fully validate the store, walking it like read_exceptions().
 
@@ -164,7 +165,9 @@ def read_exception_table(
     other entry must name a backed data chunk and an origin chunk with no
     seeded entry. Only the other entries are returned, with `converted` first:
     entries inside `seeded` that are real exceptions (model/seeding.py,
-    correct_seeding), checked like any other.
+    correct_seeding), checked like any other. `seeded_unchecked` skips the seeded slots
+    without comparing them: only for a table whose front is being rewritten for the kernel's
+    merge (model/kernel_merge.py), where the entries returned are all that is used.
     """
     require_chunk_bytes(chunk_bytes)
     if len(seeded) % _EXCEPTION.size:
@@ -249,7 +252,7 @@ def read_exception_table(
             first = min(n_seeded - read, epa)
             want = seeded[read * _EXCEPTION.size:(read + first) * _EXCEPTION.size]
             got = buf[:first * _EXCEPTION.size]
-            if got != want:
+            if got != want and not seeded_unchecked:
                 raise _seeded_mismatch(got, want, area, "a merge would skip a chunk it must restore")
             read += first  # real entries may follow in the same area
         for i, (old, new) in enumerate(_EXCEPTION.iter_unpack(buf[first * _EXCEPTION.size:]), first):

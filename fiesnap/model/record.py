@@ -50,7 +50,11 @@ _BOOT_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 
 #: A checkpoint's life. An interrupted merge or commit leaves its phase behind
 #: so that a re-run knows where to resume.
-PHASES = ("starting", "active", "merging", "copied", "committing", "passthrough")
+PHASES = ("starting", "active", "merging", "copied", "committing", "passthrough",
+          "handover", "kernel-merging")
+
+#: a rollback is under way: the device is not the checkpoint's nor the current data until it ends
+ROLLBACK_PHASES = ("merging", "copied", "handover", "kernel-merging")
 
 #: phase -> the phases a record may move to next.
 #:   starting    -> active (the stack is up), committing (clean up a start that
@@ -60,9 +64,16 @@ PHASES = ("starting", "active", "merging", "copied", "committing", "passthrough"
 #:   copied      -> passthrough (a device under fiesnap; others are deleted)
 #:   committing  -> passthrough (as above)
 #:   passthrough -> starting (the next online checkpoint)
+#:   active      -> handover (an instant rollback: the stack is down, the table is being
+#:                  made fit for the kernel's snapshot-merge)
+#:   handover    -> kernel-merging (NAME is a snapshot-merge device: the checkpoint's
+#:                  content at once, the kernel copying back in the background)
+#:   kernel-merging -> passthrough (the kernel's merge is complete; others are deleted)
 TRANSITIONS: dict[str, frozenset[str]] = {
     "starting": frozenset({"active", "committing", "passthrough"}),
-    "active": frozenset({"merging", "committing"}),
+    "active": frozenset({"merging", "committing", "handover"}),
+    "handover": frozenset({"kernel-merging"}),
+    "kernel-merging": frozenset({"passthrough"}),
     "merging": frozenset({"copied"}),
     "copied": frozenset({"passthrough"}),
     "committing": frozenset({"passthrough"}),
@@ -181,6 +192,8 @@ class CheckpointRecord:
     attempts_used: int = 0
     attempt_boot: str = ""
     auto_rollback: str = ""
+    #: an instant rollback (model/kernel_merge.py): the exceptions handed to the kernel's merge.
+    merge_entries: int = 0
 
     # -- queries -----------------------------------------------------------
 
@@ -280,6 +293,10 @@ class CheckpointRecord:
             raise StateError(f"internal error: checkpoint {self.name!r} has no boot attempt left to count")
         return replace(self, attempts_used=self.attempts_used + 1, attempt_boot=boot_id)
 
+    def handed_over(self, entries: int) -> CheckpointRecord:
+        """An instant rollback begins: the stack is down, `entries` exceptions go to the kernel."""
+        return replace(self.with_phase("handover"), merge_entries=entries)
+
     def rolling_back(self, why: str) -> CheckpointRecord:
         """activate decided to roll back by itself: an interrupted rollback is finished at the next boot."""
         return replace(self, auto_rollback=why)
@@ -355,6 +372,7 @@ class CheckpointRecord:
             "seed_map": [[s, n] for s, n in self.seed_map],
             "boot_attempts": self.boot_attempts, "boot_attempts_used": self.attempts_used,
             "attempt_boot": self.attempt_boot, "auto_rollback": self.auto_rollback,
+            "merge_entries": self.merge_entries,
         }
 
     def to_json(self) -> str:
@@ -512,6 +530,13 @@ class _Parser:
                            "is set for a checkpoint that counts no boot attempts")
         if auto_rollback and phase not in ("active", "merging", "copied"):
             raise self.bad("auto_rollback", f"is set in phase {phase}")
+        merge_entries = self.int_("merge_entries", 0)
+        if merge_entries and phase not in ("handover", "kernel-merging"):
+            raise self.bad("merge_entries", f"is set in phase {phase}")
+        generation = self.int_("generation", 1, lo=1)
+        if phase in ("handover", "kernel-merging") and (cow is None or generation != 1):
+            raise self.bad("phase", f"is {phase} for a checkpoint whose store was never handed over "
+                           "(no store map, or a grown one)")
         return CheckpointRecord(
             name=name, device=device,
             device_major=self.int_("device_major"), device_minor=self.int_("device_minor"),
@@ -528,11 +553,11 @@ class _Parser:
             free_map=tuple((s, n) for s, n in self.int_list("free_map", 2)),
             created=self.str_("created", ""),
             identity_offset=self.int_("identity_offset", -1, lo=-1),
-            generation=self.int_("generation", 1, lo=1),
+            generation=generation,
             previous_identity=previous,
             mode=self.str_("mode", "offline", choices=MODES),
             frozen_seconds=frozen, seal=seal, built_boot=built_boot, built_at=built_at, bypass=bypass,
             seeded_areas=seeded_areas, seeded_chunks=seeded_chunks, seed_map=seed_map,
             boot_attempts=boot_attempts, attempts_used=attempts_used, attempt_boot=attempt_boot,
-            auto_rollback=auto_rollback,
+            auto_rollback=auto_rollback, merge_entries=merge_entries,
         )

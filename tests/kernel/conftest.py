@@ -242,8 +242,10 @@ def lab(scratch_disk, tmp_path):
             return p
 
         def mount(self, dev, ro=False):
+            """ro: True for "-o ro", or the mount options to use (say "ro,noload")."""
             os.makedirs(self.mnt, exist_ok=True)
-            h.sh("mount", *(["-o", "ro"] if ro else []), dev, self.mnt)
+            opts = ro if isinstance(ro, str) else "ro" if ro else ""
+            h.sh("mount", *(["-o", opts] if opts else []), dev, self.mnt)
 
         def umount(self):
             h.sh("umount", self.mnt)

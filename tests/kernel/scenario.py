@@ -250,3 +250,32 @@ def assert_fsck_clean(lab, dev: str, kind: str) -> None:
         lab.umount()
     ok, log = fsck_clean(dev, kind)
     assert ok, log
+
+
+#: A file whose blocks `scatter` rewrites one in two: every saved chunk is its own run, so the
+#: kernel's merge commits its table once per chunk (slow enough to be caught mid-way).
+SCATTER_FILE = "data/scatter.bin"
+
+
+def add_scatter_file(root: str, mib: int = 24) -> None:
+    with open(os.path.join(root, SCATTER_FILE), "wb") as f:
+        f.write(random.Random(7).randbytes(mib * MiB))
+    os.sync()
+
+
+def scatter(root: str) -> int:
+    """Rewrite every other 4 KiB block of SCATTER_FILE with O_DIRECT; returns blocks written."""
+    path = os.path.join(root, SCATTER_FILE)
+    size = os.path.getsize(path)
+    buf = mmap.mmap(-1, 4096)
+    buf[:] = random.Random(8).randbytes(4096)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    n = 0
+    try:
+        for off in range(0, size, 8192):
+            os.pwrite(fd, buf, off)
+            n += 1
+    finally:
+        os.close(fd)
+        buf.close()
+    return n
