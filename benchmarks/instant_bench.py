@@ -2,7 +2,7 @@
 """Benchmark: the two rollbacks on the same store, against a raw O_DIRECT copy of the same bytes.
 
     .venv/bin/python -m tests.lab script benchmarks/instant_bench.py --disks 1 --disk-size 2G --timeout 1500
-    ... -- --rounds ABBA --overwrite 192M      (defaults)
+    ... -- --rounds ABBA --overwrite 192M --pattern sequential      (defaults; or --pattern scatter)
 
 Per round, on one ext4: mkfs, files, an offline `start` (plain store: every overwritten chunk
 is saved, so both merges copy the same chunks), OVERWRITE of checkpoint data rewritten with
@@ -13,7 +13,7 @@ O_DIRECT 1 MiB writes through /dev/mapper/NAME, unmount; then one of
 and, after each, the peer: a raw copy of as many bytes with O_DIRECT in 1 MiB blocks between two
 free regions of the disk (dd iflag=direct oflag=direct), the lower bound for moving those bytes.
 fiesnap runs in-process (no Python start-up in the times). Rounds in ABBA order against drift.
-Results: $FIESNAP_LAB_RESULTS/instant_bench.json and instant_bench.txt.
+Results: $FIESNAP_LAB_RESULTS/instant_bench-PATTERN.json and .txt.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def quiet(_msg: str) -> None:
     pass
 
 
-def prepare(disk: str, overwrite: int) -> None:
-    """A checkpointed ext4 whose store holds `overwrite` bytes of saved data."""
+def prepare(disk: str, overwrite: int, scatter: bool) -> None:
+    """A checkpointed ext4 whose store holds `overwrite` bytes of saved data: rewritten in 1 MiB
+    writes, or (`scatter`) one 4 KiB block in two, so that every saved chunk is a run of its own."""
     sh("wipefs", "-aq", disk)
     sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", disk)
     os.makedirs(MNT, exist_ok=True)
@@ -57,15 +58,16 @@ def prepare(disk: str, overwrite: int) -> None:
     start_cmd.start(start_cmd.StartRequest(disk, store, name=NAME, free_aware=False), DeviceMapper,
                     StateStore(STATE), quiet)
     sh("mount", f"/dev/mapper/{NAME}", MNT)
-    buf = aligned_buffer(MiB)
+    size, step = (4096, 8192) if scatter else (MiB, MiB)
+    buf = aligned_buffer(size)
     left = overwrite
     for i in range(FILES):
         fd = os.open(f"{MNT}/f{i}.bin", os.O_WRONLY | os.O_DIRECT)
-        for off in range(0, FILE_MIB * MiB, MiB):
+        for off in range(0, FILE_MIB * MiB, step):
             if left <= 0:
                 break
             os.pwrite(fd, buf, off)
-            left -= MiB
+            left -= size
         os.close(fd)
     sh("umount", MNT)
 
@@ -104,12 +106,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", default="ABBA")
     ap.add_argument("--overwrite", default="192M")
+    ap.add_argument("--pattern", choices=("sequential", "scatter"), default="sequential",
+                    help="1 MiB overwrites, or one 4 KiB block in two (every saved chunk its own run)")
     args = ap.parse_args()
     disk, results = require_lab()
     overwrite = parse_size(args.overwrite)
     rows: list[dict] = []
     for i, peer in enumerate(args.rounds):
-        prepare(disk, overwrite)
+        prepare(disk, overwrite, args.pattern == "scatter")
         res = offline() if peer == "A" else instant()
         nbytes = res["chunks"] * 4096
         res["raw_s"] = raw_copy(disk, nbytes)
@@ -121,8 +125,9 @@ def main() -> int:
         return median([r[key] for r in rows if r["peer"] == peer and key in r])
 
     summary = [f"instant_bench: {len(rows)} rounds ({args.rounds}), {overwrite // MiB} MiB overwritten "
-               "per round, plain store, ext4, 4 KiB chunks; medians"]
-    out = {"machine": machine(), "rounds": rows, "overwrite_bytes": overwrite, "medians": {}}
+               f"per round ({args.pattern}), plain store, ext4, 4 KiB chunks; medians"]
+    out = {"machine": machine(), "rounds": rows, "overwrite_bytes": overwrite, "pattern": args.pattern,
+           "medians": {}}
     for peer in ("offline", "instant"):
         m = {k: med(peer, k) for k in ("mount_s", "finish_s", "raw_s", "bytes")}
         if m["finish_s"] is None:
@@ -140,7 +145,7 @@ def main() -> int:
         out["instant_vs_offline"] = {"mount": n["mount_s"] / o["mount_s"], "finish": n["finish_s"] / o["finish_s"]}
         summary.append(f"  instant / offline: time to mount {n['mount_s'] / o['mount_s']:.3f}x, "
                        f"time to finish {n['finish_s'] / o['finish_s']:.2f}x")
-    write_results(results, "instant_bench", out, summary)
+    write_results(results, f"instant_bench-{args.pattern}", out, summary)
     print("\n".join(summary))
     return 0
 

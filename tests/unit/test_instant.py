@@ -160,3 +160,22 @@ def test_progress_of_a_merge():
     assert progress_of(parse_snapshot_status("336/200000 16"), r) == {
         "entries": 100, "remaining": 40, "complete": False, "state": "active", "percent_done": 60.0}
     assert progress_of(None, r) is None
+
+
+def test_the_monitor_finishes_a_completed_kernel_merge_by_itself(env, monkeypatch):
+    from fiesnap.commands import monitor
+    from fiesnap.model.monitor_policy import MonitorPolicy
+
+    k, state, events = env
+    monkeypatch.setattr(monitor, "require_root", lambda: None)
+    state.save(replace(_active(), phase="kernel-merging", merge_entries=2))
+    k.dev["cp"] = [replace(linear(0, 1, "254:16", 0), target_type="snapshot-merge")]
+    k.dev["cp-cow"] = [linear(0, 1, "254:16", 0)]
+    said: list[str] = []
+    policy = MonitorPolicy(threshold_pct=50.0, step_bytes=None, step_pct=100.0, max_bytes=None, interval_s=0.01)
+    assert monitor.run_monitor(None, policy, lambda: k, state, said.append, once=True) == 0
+    assert state.load("cp").phase == "kernel-merging"  # still merging: left alone
+    k.merge_status = "16/20000 16"
+    assert monitor.run_monitor(None, policy, lambda: k, state, said.append, once=True) == 0
+    assert state.load("cp").phase == "passthrough" and "cp-cow" not in k.dev
+    assert any("kernel merge" in m for m in said), said
