@@ -141,6 +141,8 @@ bench: lab
 	$(VPY) -m tests.lab script benchmarks/bow_bench.py --disks 3 --disk-size 1G --timeout 1500 || rc=$$?; \
 	$(VPY) -m tests.lab script benchmarks/free_aware_bench.py --disks 1 --disk-size 86G --timeout 1800 || rc=$$?; \
 	$(VPY) -m tests.lab script benchmarks/instant_bench.py --disks 1 --disk-size 2G --timeout 1800 || rc=$$?; \
+	$(VPY) -m tests.lab script benchmarks/instant_bench.py --disks 1 --disk-size 2G --timeout 2400 \
+	  -- --pattern scatter --overwrite 48M || rc=$$?; \
 	exit $$rc
 
 demo: lab
