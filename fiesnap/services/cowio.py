@@ -33,14 +33,14 @@ class MergeResult:
 
 
 @contextmanager
-def _chunk_reader(cow_node: str, record: CheckpointRecord) -> Iterator[Callable[[int], bytes]]:
+def chunk_reader(cow_node: str, record: CheckpointRecord) -> Iterator[Callable[[int], bytes]]:
     """read_chunk(n) for the store device, O_DIRECT with one aligned buffer."""
     chunk = record.chunk_bytes
     with AlignedBuffer(chunk) as buf, DirectDevice.open(cow_node, write=False) as dev:
         yield lambda n: bytes(dev.read_into(buf, n * chunk, chunk))
 
 
-def _seed_plan(record: CheckpointRecord):
+def seed_plan(record: CheckpointRecord):
     """The seeded entries a free-aware record's free map gives; StoreFormatError if the
     record disagrees with its own map (None for a plain store)."""
     layout = record.seed_layout
@@ -57,10 +57,10 @@ def _seed_plan(record: CheckpointRecord):
 
 def check_seeded(cow_node: str, record: CheckpointRecord) -> None:
     """A free-aware store's seeded entries, checked before the kernel loads them again."""
-    plan = _seed_plan(record)
+    plan = seed_plan(record)
     if plan is None:
         return
-    with _chunk_reader(cow_node, record) as read_chunk:
+    with chunk_reader(cow_node, record) as read_chunk:
         check_seeded_areas(read_chunk, seeded=plan.entries, chunk_bytes=record.chunk_bytes)
 
 
@@ -71,11 +71,11 @@ def read_table(cow_node: str, record: CheckpointRecord) -> ExceptionTable:
     recorded free-space map gives (model/seeding.py); only the others are returned.
     """
     seeded = {}
-    plan = _seed_plan(record)
+    plan = seed_plan(record)
     if plan is not None:
         seeded = dict(seeded=plan.entries, seeded_old=plan.seeded, data_start=plan.layout.data_start,
                       is_backed=record.cow.is_backed, converted=plan.converted)
-    with _chunk_reader(cow_node, record) as read_chunk:
+    with chunk_reader(cow_node, record) as read_chunk:
         return read_exception_table(read_chunk, cow_chunks=record.cow.total_chunks,
                                     origin_chunks=record.origin_chunks,
                                     chunk_bytes=record.chunk_bytes, **seeded)
@@ -83,7 +83,7 @@ def read_table(cow_node: str, record: CheckpointRecord) -> ExceptionTable:
 
 def read_frontier(cow_node: str, record: CheckpointRecord) -> int | None:
     """The committed allocation frontier on disk, ignoring the valid flag (see scan_frontier)."""
-    with _chunk_reader(cow_node, record) as read_chunk:
+    with chunk_reader(cow_node, record) as read_chunk:
         return scan_frontier(read_chunk, cow_chunks=record.cow.total_chunks, chunk_bytes=record.chunk_bytes)
 
 

@@ -18,7 +18,7 @@ from fiesnap.model.kernel_merge import areas_to_write, compacted_area, merge_com
 from fiesnap.model.record import CheckpointRecord
 from fiesnap.model.snapstatus import SnapshotUsage, parse_snapshot_status
 from fiesnap.model.units import SECTOR_BYTES
-from fiesnap.services.cowio import _chunk_reader, _seed_plan, make_plan, read_table
+from fiesnap.services.cowio import chunk_reader, seed_plan, make_plan, read_table
 from fiesnap.services.stack import StackNames, ensure_cow, origin_uuid
 
 
@@ -32,8 +32,8 @@ def real_exceptions(cow_node: str, record: CheckpointRecord) -> tuple[CowExcepti
     its front rewritten already: its seeded slots are skipped unread, the entries after them
     (never written by the rewrite) and the converted ones (from the record) are what counts."""
     if record.phase == "handover" and record.free_aware:
-        plan = _seed_plan(record)
-        with _chunk_reader(cow_node, record) as read_chunk:
+        plan = seed_plan(record)
+        with chunk_reader(cow_node, record) as read_chunk:
             table = read_exception_table(
                 read_chunk, cow_chunks=record.cow.total_chunks, origin_chunks=record.origin_chunks,
                 chunk_bytes=record.chunk_bytes, seeded=plan.entries, seeded_old=plan.seeded,
@@ -50,7 +50,7 @@ def read_handed_table(cow_node: str, record: CheckpointRecord):
     exceptions only, from slot 0, each checked as the offline merge checks them."""
     layout = record.seed_layout
     extra = dict(data_start=layout.data_start, is_backed=record.cow.is_backed) if layout else {}
-    with _chunk_reader(cow_node, record) as read_chunk:
+    with chunk_reader(cow_node, record) as read_chunk:
         table = read_exception_table(read_chunk, cow_chunks=record.cow.total_chunks,
                                      origin_chunks=record.origin_chunks, chunk_bytes=record.chunk_bytes,
                                      **extra)
@@ -63,7 +63,7 @@ def compact(cow_node: str, cow_rdev: int, record: CheckpointRecord, entries: tup
     exactly them. Each area is read and changed only in the slots the compaction owns; the
     areas are written with O_DIRECT, fsynced and read back (write_chunks)."""
     chunk = record.chunk_bytes
-    with _chunk_reader(cow_node, record) as read_chunk:
+    with chunk_reader(cow_node, record) as read_chunk:
         areas = {area_location(a, chunk): compacted_area(a, read_chunk(area_location(a, chunk)), entries, chunk)
                  for a in areas_to_write(len(entries), chunk)}
     write_chunks(cow_node, areas, chunk, expect_rdev=cow_rdev)
