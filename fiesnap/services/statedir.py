@@ -46,6 +46,7 @@ RECORD_MODE = 0o600
 PARENT_MODE = 0o755  # a missing parent we create (the folder itself is FOLDER_MODE)
 LOCK_NAME = ".lock"
 TMP_SUFFIX = ".tmp"
+LOCK_TRIES = 5  # a lock file replaced under us this often: others are busy
 MAX_RECORD_BYTES = 64 << 20  # far above any real record; a bigger file is not one
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -202,24 +203,93 @@ class StateStore:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the state folder's lock: one changing fiesnap command at a time."""
-        where = os.path.join(self.path, LOCK_NAME)
-        with self._folder(create=True) as dfd:
-            try:
-                fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _O_FILE, RECORD_MODE, dir_fd=dfd)
-            except OSError as e:
-                raise self._open_error(e, where, "lock file") from None
+        """Hold the state folder's lock: one changing fiesnap command at a time.
+
+        A command that fails leaves the state folder as it found it: the lock file, and the
+        folders on the way to it, that this call created are removed again (a folder only if
+        it is empty), so a refusal on a fresh machine leaves nothing behind.
+        """
+        missing = self._missing_components()
+        created_lock = False
         try:
-            _check_file(os.fstat(fd), where, "lock file")
+            fd, created_lock = self._take_lock()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StateBusyError(
-                    f"another fiesnap command holds {where}: wait for it to finish"
-                ) from None
-            yield
-        finally:
-            os.close(fd)
+                yield
+            except BaseException:
+                if created_lock:
+                    self._unlink_lock()
+                raise
+            finally:
+                os.close(fd)
+        except BaseException:
+            for path in reversed(missing):
+                try:
+                    os.rmdir(path)  # only an empty folder goes; a record or another lock stays
+                except OSError:
+                    break
+            raise
+
+    def _missing_components(self) -> list[str]:
+        """The state folder's path components that do not exist yet, outermost first."""
+        missing: list[str] = []
+        path = os.path.abspath(self.path)
+        while path != "/" and not os.path.lexists(path):
+            missing.insert(0, path)
+            path = os.path.dirname(path)
+        return missing
+
+    def _take_lock(self) -> tuple[int, bool]:
+        """The flocked lock file's descriptor, and whether this call created the file.
+
+        Another command may remove a lock file it created between our open and our flock: the
+        lock is ours only if the name still refers to the file we locked, else try again.
+        """
+        where = os.path.join(self.path, LOCK_NAME)
+        for _ in range(LOCK_TRIES):
+            with self._folder(create=True) as dfd:
+                fd, created = self._open_lock(dfd, where)
+                try:
+                    _check_file(os.fstat(fd), where, "lock file")
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise StateBusyError(
+                            f"another fiesnap command holds {where}: wait for it to finish"
+                        ) from None
+                    try:
+                        named = os.stat(LOCK_NAME, dir_fd=dfd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        named = None
+                    held = os.fstat(fd)
+                    if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                        return fd, created
+                except BaseException:
+                    os.close(fd)
+                    raise
+                os.close(fd)
+        raise StateBusyError(f"{where} keeps being replaced by other fiesnap commands: wait for them to finish")
+
+    @classmethod
+    def _open_lock(cls, dfd: int, where: str) -> tuple[int, bool]:
+        try:
+            return os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_FILE, RECORD_MODE, dir_fd=dfd), True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise cls._open_error(e, where, "lock file") from None
+        try:
+            return os.open(LOCK_NAME, os.O_RDWR | _O_FILE, dir_fd=dfd), False
+        except OSError as e:
+            raise cls._open_error(e, where, "lock file") from None
+
+    def _unlink_lock(self) -> None:
+        """Remove the lock file this command created (still holding it, so no one else does)."""
+        try:
+            with self._folder(create=False) as dfd:
+                if dfd is not None:
+                    os.unlink(LOCK_NAME, dir_fd=dfd)
+        except (OSError, StateError):
+            pass  # the command's own error is what the user needs to see
 
     @staticmethod
     def _open_error(e: OSError, where: str, what: str) -> StateError:
@@ -330,9 +400,13 @@ class StateStore:
     # ------------------------------------------------------------ where it lives
 
     def device_id(self) -> int:
-        """st_dev of the filesystem holding the state folder."""
-        with self._folder(create=True) as dfd:
-            return os.fstat(dfd).st_dev
+        """st_dev of the filesystem holding the state folder (or that will hold it: a missing
+        folder is not created just to ask, its nearest existing parent answers)."""
+        with self._folder(create=False) as dfd:
+            if dfd is not None:
+                return os.fstat(dfd).st_dev
+        missing = self._missing_components()
+        return os.stat(os.path.dirname(missing[0]) if missing else "/").st_dev
 
     def refuse_on(self, devno: int, what: str) -> None:
         """Refuse when the state folder lives on the filesystem fiesnap is about to

@@ -218,6 +218,7 @@ def test_save_writes_the_whole_record_when_writes_are_short(good: Path, record, 
 
 
 def test_cli_status_refuses_a_forged_folder_in_one_line(good: Path) -> None:
+    """Before anything else, also before looking for device-mapper (this host may have none)."""
     os.chown(good, NOBODY, NOBODY)
     env = dict(os.environ, FIESNAP_STATE_DIR=str(good))
     p = subprocess.run([sys.executable, "-m", "fiesnap", "status", "--json"], capture_output=True, text=True,
@@ -226,3 +227,69 @@ def test_cli_status_refuses_a_forged_folder_in_one_line(good: Path) -> None:
     assert p.returncode == 10, (p.returncode, p.stdout, p.stderr)
     assert len(lines) == 1 and "owned by uid 65534" in lines[0] and str(good) in lines[0], p.stderr
     assert json.loads((good / "cp.json").read_text())["name"] == "cp"
+
+
+# -- a failing command leaves the state folder as it found it -----------------------------------
+
+
+def test_a_failing_command_leaves_no_folder_or_lock_it_created(tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "deeper" / "state"
+    with pytest.raises(CheckpointNameError):
+        with StateStore(str(folder)).locked():
+            StateStore(str(folder)).load("nosuch")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_command_removes_only_the_lock_it_created(good: Path) -> None:
+    before = _snapshot(good)
+    with pytest.raises(CheckpointNameError):
+        with StateStore(str(good)).locked():
+            StateStore(str(good)).load("nosuch")
+    assert _snapshot(good) == before  # the folder and its record stay, no .lock appeared
+    (good / ".lock").write_text("")
+    os.chmod(good / ".lock", 0o600)
+    with pytest.raises(CheckpointNameError):
+        with StateStore(str(good)).locked():
+            StateStore(str(good)).load("nosuch")
+    assert (good / ".lock").is_file()  # one that was there already stays
+
+
+def test_a_command_that_succeeds_keeps_its_folder_and_lock(tmp_path: Path, record) -> None:
+    folder = tmp_path / "new" / "state"
+    with StateStore(str(folder)).locked():
+        StateStore(str(folder)).save(record)
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "cp.json"]
+
+
+def test_a_failure_after_a_record_was_saved_keeps_the_folder(tmp_path: Path, record) -> None:
+    folder = tmp_path / "new" / "state"
+    with pytest.raises(RuntimeError):
+        with StateStore(str(folder)).locked():
+            StateStore(str(folder)).save(record)
+            raise RuntimeError("the command failed after saving")
+    assert [p.name for p in folder.iterdir()] == ["cp.json"]
+
+
+def test_a_lock_file_removed_under_us_is_taken_again(good: Path, monkeypatch) -> None:
+    """Another command that created the lock file removes it when it fails: whoever opened the
+    old file must not count it as the lock, or two commands would both hold 'the' lock."""
+    real_flock = statedir.fcntl.flock
+    calls = []
+
+    def flock_after_the_other_command_left(fd: int, op: int) -> None:
+        if not calls:  # the other command unlinks its lock file between our open and our flock
+            os.unlink(good / ".lock")
+        calls.append(fd)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(statedir.fcntl, "flock", flock_after_the_other_command_left)
+    with StateStore(str(good)).locked():
+        held = os.stat(good / ".lock")
+        assert os.fstat(calls[-1]).st_ino == held.st_ino  # the lock held is the file named .lock
+    assert len(calls) == 2
+
+
+def test_device_id_does_not_create_the_folder(tmp_path: Path) -> None:
+    st = StateStore(str(tmp_path / "new" / "state"))
+    assert st.device_id() == os.stat(tmp_path).st_dev
+    assert list(tmp_path.iterdir()) == []
