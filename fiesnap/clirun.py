@@ -31,7 +31,7 @@ def run_app(
     """Run `app` on sys.argv and exit. `known` errors carry `exit_code`; `translate` may turn
     another exception into (message, exit code)."""
     try:
-        rv = app(standalone_mode=False)
+        rv = app(standalone_mode=False, prog_name=prog)  # also when run as 'python -m'
         sys.exit(rv if isinstance(rv, int) else 0)
     except known as e:
         say(f"{prog}: error: {e}")
@@ -49,7 +49,13 @@ def run_app(
             say(f"{prog}: error: {t[0]}")
             sys.exit(t[1])
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
-            say(f"{prog}: error: {e.format_message()} (see '{prog} --help')")
+            message = e.format_message()
+            if type(e).__name__ == "NoArgsIsHelpError":  # no arguments: the help is the answer
+                sys.stdout.write(message.rstrip("\n") + "\n")
+            elif message:
+                ctx = getattr(e, "ctx", None)
+                where = getattr(ctx, "command_path", None) or prog
+                say(f"{prog}: error: {message.rstrip('.')} (see '{where} --help')")
             sys.exit(USAGE_EXIT)
         if type(e).__name__ == "Abort":
             sys.exit(130)

@@ -65,3 +65,20 @@ class StateError(FiesnapError):
 
 class StateBusyError(StateError):
     """Another fiesnap command holds the state folder's lock."""
+
+
+#: Every exit status a fiesnap command returns, for `--help` and the docs.
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "success"),
+    (1, "internal error (FIESNAP_DEBUG=1 shows a traceback); monitor --once: a checkpoint lost"),
+    (UsageError.exit_code, "bad argument or option (size, chunk size, name, missing choice)"),
+    (NotRootError.exit_code, "not root"),
+    (DeviceError.exit_code, "device missing, not a block device, mounted or in use"),
+    (FilesystemError.exit_code, "no or unsupported filesystem, no free space, unusable extents"),
+    (CheckpointNameError.exit_code, "unknown or taken name"),
+    (RefusedError.exit_code, "refused for safety (mounted, invalid or overflowed checkpoint, ...)"),
+    (StoreFormatError.exit_code, "the store's table is not valid: no rollback, data untouched"),
+    (DeviceMapperError.exit_code, "no device-mapper in the kernel, or a dm call failed"),
+    (StateError.exit_code, "state folder unsafe or unreadable, or locked by another command"),
+    (130, "interrupted (^C): run the same command again"),
+)

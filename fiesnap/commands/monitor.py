@@ -36,6 +36,7 @@ from fiesnap.commands.guards import require_root
 from fiesnap.commands.status import status_of
 from fiesnap.errors import FiesnapError, StateBusyError
 from fiesnap.model.monitor_policy import BAD_STATES, MonitorPolicy, Sample, Stall, decide, stalled
+from fiesnap.model.record import validate_name
 from fiesnap.model.units import MAX_SIZE, format_bytes
 from fiesnap.services.stack import resume_leftovers, suspended_devices
 from fiesnap.services.statedir import StateStore
@@ -236,6 +237,8 @@ def run_monitor(name: str | None, policy: MonitorPolicy, dm_factory, state: Stat
                 say: Callable[[str], None], *, verbose: bool = False, once: bool = False) -> int:
     """Monitor NAME, or every active checkpoint (re-read each round) when NAME is None."""
     require_root()
+    if name is not None:
+        state.load(validate_name(name))  # an unknown name is the user's mistake (exit 6), not a lost checkpoint
     dm = dm_factory()
 
     def names() -> list[str]:

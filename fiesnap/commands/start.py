@@ -102,6 +102,15 @@ class StartRequest:
     unless_active: bool = False
 
 
+def check_request(req: StartRequest) -> None:
+    """The checks of the arguments alone, before any device, record or dm call is looked at."""
+    if req.name is not None:
+        validate_name(req.name)
+    check_chunk_size(req.chunk_bytes)
+    if req.boot_attempts is not None:
+        check_boot_attempts(req.boot_attempts)
+
+
 def start(req: StartRequest, dm_factory, state: StateStore, log: Log) -> CheckpointRecord:
     """Online start of a device under fiesnap, or offline start of an unmounted device."""
     return start_unless_active(req, dm_factory, state, log)[0]
@@ -112,9 +121,7 @@ def start_unless_active(req: StartRequest, dm_factory, state: StateStore,
     """As `start`; with `req.unless_active` a name that holds a checkpoint already is
     returned unchanged. Returns (record, whether this call started it)."""
     require_root()
-    check_chunk_size(req.chunk_bytes)
-    if req.boot_attempts is not None:
-        check_boot_attempts(req.boot_attempts)
+    check_request(req)
     managed = resolve_target(req.target, state)
     if managed is None:
         if req.unless_active and state.exists(_offline_name(req)):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fiesnap.commands.guards import require_root
 from fiesnap.kernel import blockdev, boot
 from fiesnap.model.lifecycle import BootAttempts, attempts_of
-from fiesnap.model.record import CheckpointRecord
+from fiesnap.model.record import CheckpointRecord, validate_name
 from fiesnap.model.snapstatus import SnapshotUsage
 from fiesnap.services.kernelmerge import merge_usage, progress_of
 from fiesnap.services.stack import StackNames, snapshot_usage, suspended_devices
@@ -64,7 +64,7 @@ class CheckpointStatus:
 
 def status(dm_factory, state: StateStore, name: str | None) -> list[CheckpointStatus]:
     require_root()
-    records = [state.load(name)] if name else state.load_all()
+    records = [state.load(validate_name(name))] if name is not None else state.load_all()
     if not records:
         return []
     dm = dm_factory()

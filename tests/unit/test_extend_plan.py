@@ -1,4 +1,4 @@
-"""The safe-chunk rule for growing a live store (pure): trap 3, freed-then-reused blocks."""
+"""The safe-chunk rule for growing a live store (pure): blocks freed since the checkpoint and reused must never join the store."""
 
 from __future__ import annotations
 

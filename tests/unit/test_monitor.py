@@ -704,7 +704,10 @@ def test_cli_extend_that_maps_nothing_prints_json_and_exits_7(monkeypatch: pytes
     import fiesnap.cli
 
     w = World({"data": Checkpoint(store=8 * M)}, unsafe_free=G)
-    monkeypatch.setattr(fiesnap.cli.extend_cmd, "extend", lambda name, *a, by=None, to=None: w.extend(name, by))
+    import fiesnap.commands.extend
+
+    monkeypatch.setattr(fiesnap.commands.extend, "extend", lambda name, *a, by=None, to=None: w.extend(name, by))
+    monkeypatch.setattr(fiesnap.cli, "_ready", lambda **kw: None)  # the extend above stands in for dm
     for args, shown in ((["--json"], True), ([], False)):
         monkeypatch.setattr(sys, "argv", ["fiesnap", "extend", "data", "--by", "16M", *args])
         with pytest.raises(SystemExit) as e:
