@@ -12,6 +12,8 @@ import os
 import stat
 from typing import Protocol
 
+from bow_compat.errors import BowUsageError
+
 
 class Image(Protocol):
     """A device image: reads and writes at byte offsets, and a durability barrier."""
@@ -45,15 +47,36 @@ class MemoryImage:
         pass
 
 
+NOT_REGULAR = ((stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular file is, for messages: "a directory", "a block device" ..."""
+    return next((name for test, name in NOT_REGULAR if test(mode)), "not a regular file")
+
+
 class FileImage:
-    """An image file or block device opened read-write (or read-only for inspect)."""
+    """An image file or block device opened read-write (or read-only for inspect).
+
+    Anything else (a directory, a fifo ...) is refused with BowUsageError naming the path:
+    a directory opens read-only and "has" a size, which would only lead to a confusing error."""
 
     def __init__(self, path: str | os.PathLike, *, writable: bool = True) -> None:
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
+            self.fd = os.open(self.path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+                              | os.O_NONBLOCK)  # a fifo must be refused, not waited on
+        except IsADirectoryError:
+            raise _wrong_kind(self.path, stat.S_IFDIR) from None
+        try:
+            mode = os.fstat(self.fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise _wrong_kind(self.path, mode)
+            os.set_blocking(self.fd, True)
             self.size = os.lseek(self.fd, 0, os.SEEK_END)  # also right for block devices
-        except OSError:
+        except BaseException:
             os.close(self.fd)
             raise
 
@@ -85,6 +108,10 @@ class FileImage:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wrong_kind(path: str, mode: int) -> BowUsageError:
+    return BowUsageError(f"{path} is {kind_of(mode)}: give an image file or a block device")
 
 
 def copy_prefix(src: str | os.PathLike, dst: str | os.PathLike, size: int) -> None:

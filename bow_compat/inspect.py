@@ -4,19 +4,32 @@ valid is exactly what restore accepts."""
 
 from __future__ import annotations
 
-from bow_compat.format import capacity
+from bow_compat.errors import BowError
+from bow_compat.format import HEADER_SIZE, capacity, peek_magic
 from bow_compat.image import Image
 from bow_compat.restore import Scan, ScannedLog, scan
 
 
 def describe(image: Image) -> dict:
     """JSON-ready description; never raises for a corrupt log (it reports it in "error")."""
+    return examine(image)[0]
+
+
+def examine(image: Image) -> tuple[dict, BowError | None]:
+    """The description, and the error restore would refuse IMAGE with (no log: BowStateError,
+    exit 7; corrupt: BowFormatError, exit 8) or None; the CLI raises it after printing."""
     s: Scan = scan(image, stop_at_first_error=False)
+    return _describe(image, s), s.error
+
+
+def _describe(image: Image, s: Scan) -> dict:
+    magic = peek_magic(image.read(0, min(image.size, HEADER_SIZE)))
     logs = [_log(sl) for sl in s.logs]
     statuses = [e["checksum_status"] for log in logs for e in log["entries"]]
     return {
         "image_bytes": s.image_bytes,
         "state": s.state,
+        "block0_magic": None if magic is None else f"0x{magic:08x}",
         "block_size": s.block_size,
         "valid": s.error is None,
         "error": None if s.error is None else str(s.error),
@@ -49,8 +62,9 @@ def _log(sl: ScannedLog) -> dict:
 
 def render_text(d: dict) -> str:
     """The description for a terminal: one line per log sector and per entry."""
-    if d["state"] == "none":
-        return f"no dm-bow log: {d['error']}\n"
+    if d["state"] == "none":  # the error itself (and what to do) is the command's error line
+        return (f"state none, image {d['image_bytes']} bytes: no dm-bow log in block 0 "
+                f"({'magic ' + d['block0_magic'] if d['block0_magic'] else 'too small'})\n")
     lines = [f"state {d['state']}, block size {d['block_size']}, image {d['image_bytes']} bytes"]
     for log in d["log_sectors"]:
         where = "block 0" if log["read_from_sector"] == 0 else \
@@ -65,5 +79,5 @@ def render_text(d: dict) -> str:
     lines.append(f"{d['entries']} entries, {d['bytes_to_copy']} bytes to copy back; checksums: "
                  f"{c['ok']} ok, {c['bad']} bad, {c['unchecked']} unchecked, "
                  f"{c['not reached']} not reached")
-    lines.append("restorable" if d["valid"] else f"NOT restorable: {d['error']}")
+    lines.append("restorable" if d["valid"] else "NOT restorable (the error says why)")
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ from typing import Any
 
 from bow_compat.errors import BowUsageError
 from bow_compat.format import SECTOR, valid_block_size
-from bow_compat.image import FileImage
+from bow_compat.image import FileImage, kind_of
 from bow_compat.logwrites import LogWrite, read_log
 from bow_compat.model import BowDevice, BowNoSpaceError, State
 
@@ -38,8 +38,9 @@ class ReplayResult:
     """What a replay did; to_dict() for --json."""
 
     block_size: int
-    entries: int = 0              # log-writes entries processed
-    entries_before_mark: int = 0
+    # trace_*, writes ... marks: the dm-log-writes trace (LOG); log_*: the dm-bow log it produced
+    trace_entries: int = 0        # log-writes entries processed
+    trace_entries_before_mark: int = 0
     writes: int = 0
     discards: int = 0
     flushes: int = 0
@@ -51,7 +52,7 @@ class ReplayResult:
     log_entries: int = 0          # dm-bow log entries written
     log_sectors: int = 0          # dm-bow log sectors used (sequence + 1)
     failed_ios: int = 0           # writes/discards refused with ENOSPC after the mark
-    enospc: dict[str, int] | None = None  # first refusal: {"entry": i, "sector": s (512-byte)}
+    enospc: dict[str, int] | None = None  # first refusal: {"trace_entry": i, "sector": s (512 B)}
     checkpoint_image_blocks_free: int = 0  # whole free blocks at the checkpoint
     blocks_free_end: int = 0
     image_bytes: int = 0
@@ -72,9 +73,9 @@ def replay_entries(entries: Iterable[LogWrite], device: BowDevice, *, mark: str 
         raise BowUsageError("replay needs a device in TRIM state")
     res = ReplayResult(block_size=device.block_size, image_bytes=device.image.size)
     for i, e in enumerate(entries):
-        res.entries += 1
+        res.trace_entries += 1
         if device.state == State.TRIM:
-            res.entries_before_mark += 1
+            res.trace_entries_before_mark += 1
         if e.is_mark:
             res.marks += 1
             if e.mark == mark and device.state == State.TRIM:
@@ -92,7 +93,7 @@ def replay_entries(entries: Iterable[LogWrite], device: BowDevice, *, mark: str 
                     device.write(e.offset, e.data)
             except BowNoSpaceError:
                 if res.enospc is None:
-                    res.enospc = {"entry": i, "sector": e.offset // SECTOR}
+                    res.enospc = {"trace_entry": i, "sector": e.offset // SECTOR}
             if e.is_flush and not e.nr_sectors:
                 res.flushes += 1
             if e.is_fua:
@@ -108,7 +109,7 @@ def replay_entries(entries: Iterable[LogWrite], device: BowDevice, *, mark: str 
     res.failed_ios = st.failed_ios
     res.blocks_free_end = device.free_blocks
     if progress is not None:
-        progress(res.entries, total or res.entries)
+        progress(res.trace_entries, total or res.trace_entries)
     return res
 
 
@@ -144,11 +145,6 @@ def replay(log: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLi
 
 _COPY_CHUNK = 1 << 22
 
-_NOT_REGULAR = ((stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
-                (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
-                (stat.S_ISSOCK, "a socket"))
-
-
 def _check_out(out: str, log: str, base: str, *, force: bool) -> str:
     """Refuse an OUT replay must not write, with BowUsageError naming OUT as given; return the
     path to create (OUT with symlinks resolved: through a symlink, the file it points to)."""
@@ -163,7 +159,7 @@ def _check_out(out: str, log: str, base: str, *, force: bool) -> str:
         if _same_file(st, os.stat(path)):
             raise BowUsageError(f"{out} is {what}: replay never writes it, name another --out")
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _NOT_REGULAR if test(st.st_mode)), "not a regular file")
+        kind = kind_of(st.st_mode)
         hint = (" (copy the finished image onto the device afterwards)"
                 if stat.S_ISBLK(st.st_mode) else "")
         raise BowUsageError(f"{out} is {kind}: replay only creates image files, name a new file "

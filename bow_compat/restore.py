@@ -158,8 +158,8 @@ def scan(image: Image, *, stop_at_first_error: bool = True) -> Scan:
     if magic not in (BOW_MAGIC, RESTORING_MAGIC):
         shown = "too small" if magic is None else f"magic 0x{magic:08x}"
         return Scan(image.size, "none", error=BowStateError(
-            f"no dm-bow log in block 0 ({shown}): nothing to restore (already restored or "
-            f"committed, or not a dm-bow device)"))
+            f"no dm-bow log in block 0 ({shown}): nothing to restore; name the device or image "
+            f"dm-bow ran on (if this is it, it was already restored or committed)"))
     out = Scan(image.size, "RESTORING" if magic == RESTORING_MAGIC else "BOW")
     try:
         out.block_size = _block_size(head, image.size)

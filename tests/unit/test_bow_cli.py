@@ -87,7 +87,9 @@ def test_restore_refuses_a_corrupt_log_and_writes_nothing(trace):
     p = _bow("restore", out)
     assert p.returncode == 8 and p.stderr.startswith("bow-compat: error: ") and p.stderr.count("\n") == 1, p.stderr
     assert _sha(out) == corrupt
-    assert _bow("inspect", out).returncode == 8
+    p = _bow("inspect", out)  # prints the log, then the same error as restore
+    assert p.returncode == 8 and "NOT restorable" in p.stdout and "bad" in p.stdout, p.stdout
+    assert p.stderr.startswith(f"bow-compat: error: {out}: ") and p.stderr.count("\n") == 1, p.stderr
 
 
 def test_restore_refuses_a_truncated_image(trace):
@@ -220,3 +222,119 @@ def test_replay_write_errors_name_out_not_the_temporary(trace):
     assert p.returncode == 4, p.stderr
     assert p.stderr.startswith("bow-compat: error: out.img: File too large") and ".partial" not in p.stderr
     assert p.stderr.count("\n") == 1 and _snapshot(trace) == before
+
+
+# ---- the same answer from every command: no log, directories, the replay summary ----
+
+def test_inspect_without_a_dm_bow_log_exits_7_like_restore(trace):
+    base = trace / "base.img"  # random bytes: no dm-bow log in block 0
+    p = _bow("inspect", base)
+    assert p.returncode == 7 == _bow("restore", base).returncode, p
+    assert p.stdout.count("\n") == 1 and "no dm-bow log" in p.stdout, p.stdout
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"bow-compat: error: {base}: no dm-bow log"), p.stderr
+    p = _bow("inspect", base, "--json")
+    assert p.returncode == 7 and json.loads(p.stdout)["state"] == "none"
+
+
+def test_the_no_log_message_says_it_once_and_what_to_do(trace):
+    for cmd in ("inspect", "restore"):
+        p = _bow(cmd, trace / "base.img")
+        line = p.stderr
+        assert line.count("no dm-bow log") == 1 and "nothing to restore" in line, line
+        assert "name the device or image dm-bow ran on" in line, line
+    assert _bow("inspect", trace / "base.img").stdout.count("no dm-bow log") == 1
+
+
+@pytest.mark.parametrize("arg", ["LOG", "BASE", "OUT", "IMAGE-inspect", "IMAGE-restore",
+                                 "IMAGE-restore-dry-run"])
+def test_a_directory_argument_is_one_line_naming_it(trace, arg):
+    d = trace / "a-dir"
+    d.mkdir()
+    argv = {
+        "LOG": ("replay", d, "--base", trace / "base.img", "--out", trace / "out.img"),
+        "BASE": ("replay", trace / "log.img", "--base", d, "--out", trace / "out.img"),
+        "OUT": ("replay", trace / "log.img", "--base", trace / "base.img", "--out", d),
+        "IMAGE-inspect": ("inspect", d),
+        "IMAGE-restore": ("restore", d),
+        "IMAGE-restore-dry-run": ("restore", d, "--dry-run"),
+    }[arg]
+    before = _snapshot(trace)
+    p = _bow(*argv)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stderr.startswith(f"bow-compat: error: {d} is a directory"), p.stderr
+    assert p.stderr.count("\n") == 1 and "bytes" not in p.stderr
+    assert _snapshot(trace) == before
+
+
+def test_replay_text_and_json_count_the_same_things(trace):
+    p = _bow("replay", trace / "log.img", "--base", trace / "base.img", "--out", trace / "a.img", "--json")
+    d = json.loads(p.stdout)
+    assert d["trace_entries"] == 82 and d["trace_entries_before_mark"] == 2, d
+    assert "entries" not in d and "entries_before_mark" not in d  # ambiguous: which log?
+    text = _bow("replay", trace / "log.img", "--base", trace / "base.img", "--out", trace / "b.img").stdout
+    assert f"{d['trace_entries']} trace entries ({d['trace_entries_before_mark']} before the mark)" in text, text
+    assert f"dm-bow log: {d['log_entries']} entries in {d['log_sectors']} log sector(s)" in text, text
+    assert f"{d['trace_entries']} log entries" not in text
+
+
+# ---- help and conventions ----
+
+def test_version_and_short_help():
+    from fiesnap import __version__
+
+    p = _bow("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"bow-compat {__version__}", p
+    for cmd in ((), ("replay",), ("record",), ("inspect",), ("restore",)):
+        h, long = _bow(*cmd, "-h"), _bow(*cmd, "--help")
+        assert h.returncode == 0 and h.stdout == long.stdout and "Usage:" in h.stdout, (cmd, h.stderr)
+
+
+_HELP_WANTS = {  # every command: an example, and the metavars of its arguments and options
+    "replay": ("Example", "bow-compat replay", "LOG", "--base BASE", "--out OUT", "--mark NAME",
+               "--block-size N"),
+    "inspect": ("Example", "bow-compat inspect", "IMAGE"),
+    "restore": ("Example", "bow-compat restore", "IMAGE"),
+    "record": ("Example", "bow-compat record", "DEVICE", "--log LOGDEV", "--base BASE",
+               "--mount DIR", "--mark NAME", "COMMAND"),
+}
+
+
+@pytest.mark.parametrize("cmd", list(_HELP_WANTS))
+def test_every_command_help_has_an_example_and_named_metavars(cmd):
+    from bow_compat.record import MOUNT_ENV
+
+    p = _bow(cmd, "--help", env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr
+    for want in _HELP_WANTS[cmd] + ((f"${MOUNT_ENV}",) if cmd == "record" else ()):
+        assert want in p.stdout, (cmd, want, p.stdout)
+    assert "TEXT" not in p.stdout and "INTEGER" not in p.stdout, p.stdout
+
+
+def test_top_level_help_lists_the_exit_codes():
+    from bow_compat.errors import EXIT_CODES
+
+    p = _bow("--help", env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 0 and "Exit codes" in p.stdout, p.stdout
+    for code, _ in EXIT_CODES:
+        assert f" {code} " in p.stdout.replace("\n", " "), (code, p.stdout)
+    for cmd in _HELP_WANTS:
+        assert cmd in p.stdout
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["replay", "log.img"], "replay"),
+    (["replay", "log.img", "--base", "b.img"], "replay"),
+    (["restore"], "restore"),
+    (["record", "/dev/x", "--base", "b.img", "--", "true"], "record"),
+    (["record", "/dev/x", "--log", "/dev/y", "--base", "b.img"], "record"),
+])
+def test_a_missing_argument_is_a_usage_error_of_that_command(argv, command):
+    """run_app points the user at the help of the command the error's context names."""
+    from bow_compat.cli import app
+
+    with pytest.raises(Exception) as e:  # click's UsageError (typer vendors click in some versions)
+        app(argv, standalone_mode=False, prog_name="bow-compat")
+    assert hasattr(e.value, "format_message") and e.value.exit_code == 2, e.value
+    assert e.value.ctx is not None and e.value.ctx.command_path == f"bow-compat {command}"
+    p = _bow(*argv)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--help" in p.stderr, p.stderr

@@ -335,10 +335,10 @@ def test_replay_files_end_to_end(tmp_path):
     assert (tmp_path / "base.img").read_bytes() == base           # never modified
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.img", "log.img", "out.img"]
     d = res.to_dict()
-    for key in ("backup_bytes", "log_bytes", "copy_io_bytes", "data_bytes", "entries", "enospc",
+    for key in ("backup_bytes", "log_bytes", "copy_io_bytes", "data_bytes", "trace_entries", "enospc",
                 "block_size", "checkpoint_image_blocks_free"):
         assert key in d
-    assert (d["entries"], d["entries_before_mark"], d["marks"], d["writes"]) == (7, 4, 2, 3)
+    assert (d["trace_entries"], d["trace_entries_before_mark"], d["marks"], d["writes"]) == (7, 4, 2, 3)
     assert d["checkpoint_image_blocks_free"] == 9 and d["enospc"] is None
     assert d["log_entries"] == 2 and d["backup_bytes"] == 3 * 4096
     assert seen[-1] == (7, 7)
@@ -364,7 +364,7 @@ def test_replay_records_the_first_enospc(tmp_path):
     w.write(4 * 4096, b"c" * 4096)    # ENOSPC again
     w.save(tmp_path / "log.img")
     res = replay(tmp_path / "log.img", tmp_path / "base.img", tmp_path / "out.img")
-    assert res.enospc == {"entry": 3, "sector": 24} and res.failed_ios == 2
+    assert res.enospc == {"trace_entry": 3, "sector": 24} and res.failed_ios == 2
 
 
 def test_replay_refusals_leave_no_out(tmp_path):

@@ -511,7 +511,9 @@ def test_describe_reports_a_bad_checksum_and_goes_on():
 def test_describe_no_log():
     d = describe(MemoryImage(bytes(4096)))
     assert d["state"] == "none" and not d["valid"]
-    assert render_text(d).startswith("no dm-bow log")
+    text = render_text(d)
+    assert text == "state none, image 4096 bytes: no dm-bow log in block 0 (magic 0x00000000)\n"
+    assert "nothing to restore" in d["error"] and d["error"].count("no dm-bow log") == 1
 
 
 # ------------------------------------------------------------------ properties
