@@ -143,6 +143,7 @@ bench: lab
 	$(VPY) -m tests.lab script benchmarks/instant_bench.py --disks 1 --disk-size 2G --timeout 1800 || rc=$$?; \
 	$(VPY) -m tests.lab script benchmarks/instant_bench.py --disks 1 --disk-size 2G --timeout 2400 \
 	  -- --pattern scatter --overwrite 48M || rc=$$?; \
+	$(VPY) -m tests.lab script benchmarks/startup_bench.py --disks 1 --disk-size 512M --timeout 900 || rc=$$?; \
 	exit $$rc
 
 demo: lab

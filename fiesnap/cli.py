@@ -62,14 +62,16 @@ def _dm_factory():
 def _ready(*, snapshot: bool = False):
     """The state folder, checked, once the kernel is known to have device-mapper (and, for a
     command that builds a snapshot, the snapshot target): a missing driver is one line saying
-    what to load, before any device or record is looked at. An unsafe state folder is refused
-    first: that is the more serious of the two."""
+    what to load, before any device or record is looked at. Not root comes first (what to do
+    is plain), then an unsafe state folder (the more serious of the other two)."""
+    from fiesnap.commands.guards import require_root
     from fiesnap.kernel import dmsupport
     from fiesnap.services.statedir import StateStore
 
+    require_root()
     state = StateStore()
     state.names()  # walks and checks the folder's path; creates nothing
-    dmsupport.require_driver()
+    dmsupport.require_driver(ask_library=lambda: _dm_factory().driver_version())
     if snapshot:
         reason = dmsupport.snapshot_target_missing(set(_dm_factory().target_versions()))
         if reason is not None:
@@ -551,8 +553,11 @@ def install_units(
 
     units = units_cmd.render_units(units_cmd.installed_command())
     if print_only:
-        for u in units:
-            _echo(f"# {u.name}\n{u.text}")
+        if as_json:
+            _emit_json({"units": [{"name": u.name, "text": u.text} for u in units]})
+        else:
+            for u in units:
+                _echo(f"# {u.name}\n{u.text}")
         return
     results = units_cmd.install_units(units, directory, force=force)
     if as_json:

@@ -70,7 +70,7 @@ class StateBusyError(StateError):
 #: Every exit status a fiesnap command returns, for `--help` and the docs.
 EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "success"),
-    (1, "internal error (FIESNAP_DEBUG=1 shows a traceback); monitor --once: a checkpoint lost"),
+    (1, "internal error (FIESNAP_DEBUG=1 shows why); monitor --once: a store lost or stuck"),
     (UsageError.exit_code, "bad argument or option (size, chunk size, name, missing choice)"),
     (NotRootError.exit_code, "not root"),
     (DeviceError.exit_code, "device missing, not a block device, mounted or in use"),

@@ -6,10 +6,13 @@ The command that runs this process is the one to write: the `fiesnap` script bes
 interpreter when there is one, else the interpreter with `-m fiesnap`.
 
 The units run that command as root at every boot, so everything it executes must be root's
-alone: the script, the interpreter and every folder on its import path, each path and all its
+alone: the script (as written and where its links lead), the interpreter its first line names,
+every folder on the import path (a missing one by the parent it would be made in), and every
+module file loaded once the commands the units run are imported; each path and all its
 parents owned by root and not writable by group or others (a sticky parent like /tmp is fine:
 others cannot replace root's entries in it). A fiesnap installed into a user's virtualenv or an
-editable checkout a user can write is refused, with the path that fails.
+editable checkout a user can write is refused, with the path that fails. The folder the units
+are written to is checked the same way.
 """
 
 from __future__ import annotations
@@ -59,45 +62,84 @@ def render_units(command: str) -> list[Unit]:
     return units
 
 
-def untrusted(path: str) -> str | None:
-    """Why root should not run code from `path` (None: root's alone). Checks the path itself and
-    every parent, after resolving symlinks (a root-owned link into a user's folder is no help)."""
-    real = os.path.realpath(path)
-    p = real
+def _untrusted_chain(path: str, seen: set[str]) -> str | None:
+    p = path
     while True:
+        if p in seen:
+            return None
         try:
             st = os.stat(p)
+        except FileNotFoundError:
+            p = os.path.dirname(p)  # a missing path: whoever may create it there decides
+            continue
         except OSError as e:
             return f"{p}: {os.strerror(e.errno or 0)}"
         if st.st_uid != 0:
             return f"{p} is owned by uid {st.st_uid}, not root"
         writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if writable and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and p != real):
+        if writable and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and p != path):
             return f"{p} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+        if not writable:  # a sticky folder passed only as a parent; as code it would not
+            seen.add(p)
         if p == "/":
             return None
         p = os.path.dirname(p)
 
 
+def untrusted(path: str, seen: set[str] | None = None) -> str | None:
+    """Why root should not run code from `path` (None: root's alone). Checks the path and every
+    parent, both as written and after resolving symlinks (a root-owned link into a user's
+    folder is no help, nor is a link in a folder a user can write)."""
+    seen = set() if seen is None else seen
+    return (_untrusted_chain(os.path.abspath(path), seen)
+            or _untrusted_chain(os.path.realpath(path), seen))
+
+
+def _interpreter(script: str) -> str | None:
+    """The interpreter a script's first line names (#!/path/python)."""
+    try:
+        with open(script, "rb") as f:
+            line = f.readline(4096)
+    except OSError:
+        return None
+    if not line.startswith(b"#!"):
+        return None
+    words = line[2:].decode("utf-8", "replace").split()
+    return words[0] if words else None
+
+
+def _code_paths() -> list[str]:
+    """What the units' commands load: the import path (less the working folder, which `-m`
+    puts first and relative entries name: the units run in / with `-P`), and the file of
+    every module loaded once the commands they run are imported."""
+    import fiesnap
+    from fiesnap.commands import activate, commit, monitor  # noqa: F401 - what the units run
+
+    cwd = os.getcwd()
+    paths = [os.path.dirname(os.path.abspath(fiesnap.__file__)), sys.executable]
+    paths += [p for p in sys.path if os.path.isabs(p) and p != cwd]  # relative: the working folder too
+    paths += sorted({m.__file__ for m in list(sys.modules.values()) if isinstance(getattr(m, "__file__", None), str)})
+    return paths
+
+
 def installed_command() -> str:
     """The command line that runs this fiesnap, refused unless root alone can change its code."""
     script = os.path.join(os.path.dirname(sys.executable), "fiesnap")
+    checked: list[str] = []
     if os.path.isfile(script) and os.access(script, os.X_OK):
-        command, checked = os.path.abspath(script), [script]
-    else:
-        command, checked = f"{shlex.quote(sys.executable)} -m fiesnap", []
-    import fiesnap
-
-    package = os.path.dirname(os.path.abspath(fiesnap.__file__))  # an editable install is not on sys.path
-    checked += [sys.executable, package] + [p for p in sys.path if p and os.path.exists(p)]
-    for path in checked:
-        why = untrusted(path)
+        command = os.path.abspath(script)
+        checked += [script] + [i for i in [_interpreter(script)] if i]
+    else:  # -P: the working folder stays off the import path
+        command = f"{shlex.quote(sys.executable)} -P -m fiesnap"
+    seen: set[str] = set()
+    for path in checked + _code_paths():
+        why = untrusted(path, seen)
         if why is not None:
             raise RefusedError(
                 f"the units would run {command} as root at every boot, but {why}: a user could change "
                 "the code root runs; install fiesnap as root into root-owned folders (pipx or pip as root), "
                 "then run install-units with that fiesnap")
-    if any(c.isspace() for c in command) and not command.endswith(" -m fiesnap"):
+    if any(c.isspace() for c in command) and not command.endswith(" -P -m fiesnap"):
         raise UsageError(f"{command} has white space in its path: systemd would split it; install fiesnap elsewhere")
     return command
 
@@ -108,6 +150,10 @@ def install_units(units: list[Unit], directory: str, *, force: bool = False) -> 
     require_root()
     if not os.path.isdir(directory):
         raise UsageError(f"{directory} is not a directory: give the systemd unit folder with --dir")
+    why = untrusted(directory)
+    if why is not None:
+        raise RefusedError(f"{why}: systemd would run as root what another user can put in "
+                           f"{directory}; give a folder only root can write with --dir")
     plan = []
     for u in units:
         path = os.path.join(directory, u.name)

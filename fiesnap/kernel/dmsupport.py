@@ -5,7 +5,9 @@ a command that lists nothing and calls that success.
 
 The kernel's dm driver registers the misc device `device-mapper`; /proc/misc lists it once
 dm-mod is loaded or built in. Opening /dev/mapper/control asks the kernel to load dm-mod (the
-node's char-major-10-236 alias), as libdevmapper does, so that is tried once before giving up.
+node's char-major-10-236 alias), so that is tried once. Never stricter than libdevmapper: when
+/proc/misc still lacks it, libdevmapper itself is asked for the driver's version (it makes a
+missing control node and opens it), and only its failure too is a refusal.
 The snapshot targets live in their own module (dm-snapshot), which the kernel loads by itself
 when a table names them; it can only be missing from the kernel altogether, which the
 modules.builtin and modules.dep files of the running kernel tell.
@@ -14,6 +16,7 @@ modules.builtin and modules.dep files of the running kernel tell.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from fiesnap.errors import DeviceMapperError
 
@@ -22,8 +25,8 @@ CONTROL = "/dev/mapper/control"
 SNAPSHOT_MODULE = "dm-snapshot"
 
 NO_DM = ("this kernel has no device-mapper driver loaded ({why}): load it with "
-         "'modprobe dm-mod dm-snapshot' (a custom kernel needs CONFIG_BLK_DEV_DM and CONFIG_DM_SNAPSHOT), "
-         "then run the command again")
+         "'modprobe dm-snapshot' (it brings dm-mod; a custom kernel needs CONFIG_BLK_DEV_DM and "
+         "CONFIG_DM_SNAPSHOT), then run the command again")
 NO_SNAPSHOT = ("this kernel has no dm-snapshot target (not loaded, not built in, no module under {where}): "
                "fiesnap needs it; use a kernel built with CONFIG_DM_SNAPSHOT (every major distribution's is)")
 
@@ -44,21 +47,30 @@ def _poke_control(control: str) -> None:
         pass
 
 
-def missing_driver(proc: str = "/proc", control: str = CONTROL) -> str | None:
-    """None when the dm driver is there; otherwise the one-line reason and remedy."""
+def missing_driver(proc: str = "/proc", control: str = CONTROL,
+                   ask_library: Callable[[], object] | None = None) -> str | None:
+    """None when the dm driver is there; otherwise the one-line reason and remedy.
+    `ask_library` (say, DeviceMapper().driver_version) is the last word when given."""
     if _misc_has_dm(proc):
         return None
     _poke_control(control)
     if _misc_has_dm(proc):
         return None
+    if ask_library is not None:
+        try:
+            ask_library()
+            return None
+        except Exception:  # noqa: BLE001 - any failure of the library is "no driver" here
+            pass
     why = f"no '{MISC_NAME}' in {os.path.join(proc, 'misc')}"
     if not os.path.exists(control):
         why += f", no {control}"
     return NO_DM.format(why=why)
 
 
-def require_driver(proc: str = "/proc", control: str = CONTROL) -> None:
-    reason = missing_driver(proc, control)
+def require_driver(proc: str = "/proc", control: str = CONTROL,
+                   ask_library: Callable[[], object] | None = None) -> None:
+    reason = missing_driver(proc, control, ask_library)
     if reason is not None:
         raise DeviceMapperError(reason)
 

@@ -119,11 +119,12 @@ class StateStore:
 
     # ------------------------------------------------------------ the folder
 
-    def _open_folder(self, *, create: bool) -> int | None:
+    def _open_folder(self, *, create: bool, made: list[str] | None = None) -> int | None:
         """A descriptor of the checked state folder; None if it is missing and not `create`d.
 
         Walks the path from `/`: every component opened with O_NOFOLLOW relative to
         its parent's descriptor and checked by fstat before the next one is opened.
+        The paths of the folders this call created are appended to `made`.
         """
         path = os.path.abspath(self.path)
         parts = [p for p in path.split("/") if p]
@@ -145,6 +146,8 @@ class StateStore:
                 fd = nfd
                 if created:  # mkdir's mode went through the umask; we own it, so set it exactly
                     os.fchmod(fd, FOLDER_MODE if last else PARENT_MODE)
+                    if made is not None:
+                        made.append(where)
                 st = os.fstat(fd)
                 if last:
                     _check_folder(st, path)
@@ -186,8 +189,8 @@ class StateStore:
                 ) from None
 
     @contextmanager
-    def _folder(self, *, create: bool) -> Iterator[int | None]:
-        fd = self._open_folder(create=create)
+    def _folder(self, *, create: bool, made: list[str] | None = None) -> Iterator[int | None]:
+        fd = self._open_folder(create=create, made=made)
         try:
             yield fd
         finally:
@@ -205,49 +208,47 @@ class StateStore:
     def locked(self) -> Iterator[None]:
         """Hold the state folder's lock: one changing fiesnap command at a time.
 
-        A command that fails leaves the state folder as it found it: the lock file, and the
-        folders on the way to it, that this call created are removed again (a folder only if
-        it is empty), so a refusal on a fresh machine leaves nothing behind.
+        A command that fails leaves no state folder of its own: when this call created the
+        folder, the lock file in it and every folder it created on the way (each only if
+        empty) are removed again, so a refusal on a fresh machine leaves nothing behind. A
+        lock file in a folder that was there already stays: removing it could let a command
+        that opened it a moment earlier lock a file no longer named .lock.
         """
-        missing = self._missing_components()
-        created_lock = False
+        made: list[str] = []
         try:
-            fd, created_lock = self._take_lock()
+            fd = self._take_lock(made)
             try:
                 yield
             except BaseException:
-                if created_lock:
+                if made and made[-1] == os.path.abspath(self.path):
                     self._unlink_lock()
                 raise
             finally:
                 os.close(fd)
         except BaseException:
-            for path in reversed(missing):
+            for path in reversed(made):
                 try:
-                    os.rmdir(path)  # only an empty folder goes; a record or another lock stays
+                    # Made by this call under root-owned, checked parents: nobody else could
+                    # have replaced it. Only an empty folder goes; a record or a lock stays.
+                    os.rmdir(path)
                 except OSError:
                     break
             raise
 
-    def _missing_components(self) -> list[str]:
-        """The state folder's path components that do not exist yet, outermost first."""
-        missing: list[str] = []
-        path = os.path.abspath(self.path)
-        while path != "/" and not os.path.lexists(path):
-            missing.insert(0, path)
-            path = os.path.dirname(path)
-        return missing
+    def _take_lock(self, made: list[str]) -> int:
+        """The flocked lock file's descriptor.
 
-    def _take_lock(self) -> tuple[int, bool]:
-        """The flocked lock file's descriptor, and whether this call created the file.
-
-        Another command may remove a lock file it created between our open and our flock: the
-        lock is ours only if the name still refers to the file we locked, else try again.
+        Another command that fails removes the lock file and the folder it created: a lock is
+        ours only if the name still refers to the file we locked, and a folder removed under
+        us is made again; either way, try again.
         """
         where = os.path.join(self.path, LOCK_NAME)
         for _ in range(LOCK_TRIES):
-            with self._folder(create=True) as dfd:
-                fd, created = self._open_lock(dfd, where)
+            with self._folder(create=True, made=made) as dfd:
+                try:
+                    fd = self._open_lock(dfd, where)
+                except FileNotFoundError:
+                    continue  # the folder was removed after we opened it
                 try:
                     _check_file(os.fstat(fd), where, "lock file")
                     try:
@@ -262,7 +263,7 @@ class StateStore:
                         named = None
                     held = os.fstat(fd)
                     if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
-                        return fd, created
+                        return fd
                 except BaseException:
                     os.close(fd)
                     raise
@@ -270,15 +271,12 @@ class StateStore:
         raise StateBusyError(f"{where} keeps being replaced by other fiesnap commands: wait for them to finish")
 
     @classmethod
-    def _open_lock(cls, dfd: int, where: str) -> tuple[int, bool]:
+    def _open_lock(cls, dfd: int, where: str) -> int:
+        """Open (creating) the lock file; FileNotFoundError when the folder itself is gone."""
         try:
-            return os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_FILE, RECORD_MODE, dir_fd=dfd), True
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise cls._open_error(e, where, "lock file") from None
-        try:
-            return os.open(LOCK_NAME, os.O_RDWR | _O_FILE, dir_fd=dfd), False
+            return os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _O_FILE, RECORD_MODE, dir_fd=dfd)
+        except FileNotFoundError:
+            raise
         except OSError as e:
             raise cls._open_error(e, where, "lock file") from None
 
@@ -398,6 +396,15 @@ class StateStore:
             os.fsync(dfd)
 
     # ------------------------------------------------------------ where it lives
+
+    def _missing_components(self) -> list[str]:
+        """The state folder's path components that do not exist yet, outermost first."""
+        missing: list[str] = []
+        path = os.path.abspath(self.path)
+        while path != "/" and not os.path.lexists(path):
+            missing.insert(0, path)
+            path = os.path.dirname(path)
+        return missing
 
     def device_id(self) -> int:
         """st_dev of the filesystem holding the state folder (or that will hold it: a missing

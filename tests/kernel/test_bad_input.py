@@ -15,16 +15,17 @@ USAGE, NOT_ROOT, DEVICE, FILESYSTEM, NAME, REFUSED, STORE_FORMAT = 2, 3, 4, 5, 6
 
 
 def world(lab, with_image=True):
-    """What a failed command must not change: dm devices, state records, the device bytes."""
+    """What a failed command must not change: dm devices, state records, the state folder
+    itself (no folder or lock file of its own), the device bytes."""
     names = sorted(sh("dmsetup", "ls").stdout.split()[::2])
     state = {}
-    if os.path.isdir(lab.state):
-        for f in sorted(os.listdir(lab.state)):
-            if f.endswith(".json"):
-                with open(os.path.join(lab.state, f)) as fh:
-                    state[f] = fh.read()
+    listing = sorted(os.listdir(lab.state)) if os.path.isdir(lab.state) else None
+    for f in listing or ():
+        if f.endswith(".json"):
+            with open(os.path.join(lab.state, f)) as fh:
+                state[f] = fh.read()
     image = device_digest(lab.disk) if with_image else None
-    return names, state, image
+    return names, state, listing, image
 
 
 def refused(lab, args, code, needle, *, env=None, with_image=True, argv_prefix=()):
@@ -162,3 +163,16 @@ def test_merge_refuses_a_different_device(lab, scratch_disks):
         with open(path, "w") as f:
             f.write(good)
     lab.fiesnap("commit", "cp")
+
+
+def test_a_refusal_on_a_fresh_machine_leaves_no_state_folder(lab):
+    """The first command ever run, refused after taking the state folder's lock, leaves no
+    folder or lock file behind (nor does one refused before it)."""
+    make_fs(lab.disk, "ext4-4k")
+    assert not os.path.exists(lab.state)
+    refused(lab, ["merge", "nope"], NAME, "no checkpoint named 'nope'", with_image=False)
+    refused(lab, ["extend", "nope", "--by", "16M"], NAME, "no checkpoint named 'nope'", with_image=False)
+    refused(lab, ["monitor", "nope", "--once"], NAME, "no checkpoint named 'nope'", with_image=False)
+    disk_bytes = int(sh("blockdev", "--getsize64", lab.disk).stdout)
+    refused(lab, ["start", lab.disk, "--size", str(disk_bytes - 4 * MiB)], FILESYSTEM, "free space")
+    assert not os.path.exists(lab.state)

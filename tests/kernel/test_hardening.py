@@ -164,11 +164,11 @@ def test_merge_finds_a_direct_mount_itself_and_keeps_the_finding(lab):
     sc.prepare(lab, "ext4-4k")
     lab.fiesnap("deactivate", "cp")
     _mount_raw_and_write(lab, "bypassed")
-    names, _, image = world(lab)
+    names, _, _, image = world(lab)
     p = lab.fiesnap("merge", "cp", check=False)
     assert p.returncode == REFUSED and "cannot be rolled back exactly" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
-    after_names, _, after_image = world(lab)
+    after_names, _, _, after_image = world(lab)
     assert (after_names, after_image) == (names, image), "a refused merge changed the devices"
     rec = sc.load_record(lab.state, "cp")
     assert "mounted read-write 1 time(s)" in rec.raw["notes"]["bypass"]  # kept for later commands

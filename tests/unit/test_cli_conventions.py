@@ -123,9 +123,13 @@ def test_the_exit_code_table_in_the_docs_matches() -> None:
         assert f"| {code} | {text} |" in design, code
 
 
-def test_json_of_install_units_print_is_not_mixed_with_text(tmp_path: Path) -> None:
+def test_install_units_json_is_json_with_and_without_print(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
+    p = _fiesnap("install-units", "--print", "--json")
+    assert p.returncode == 0, p.stderr
+    assert [u["name"] for u in json.loads(p.stdout)["units"]] == [
+        "fiesnap-activate.service", "fiesnap-monitor.service", "fiesnap-boot-complete.service"]
     p = _fiesnap("install-units", "--dir", str(tmp_path), "--json")
     assert p.returncode == 0, p.stderr
     assert {u["result"] for u in json.loads(p.stdout)["units"]} == {"written"}

@@ -130,3 +130,57 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         # units may lack; everything else must verify cleanly.
         problems = [line for line in r.stderr.splitlines() if "boot-complete.target" not in line]
         assert problems == [], r.stderr
+
+
+def test_a_symlinked_script_in_a_folder_others_can_write_is_refused(tmp_path: Path) -> None:
+    """The unit runs the path as written: a root-owned target does not help when the link sits
+    where another user can replace it."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "fiesnap").write_text("#!/bin/sh\n")
+    os.chmod(real / "fiesnap", 0o755)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # not sticky
+    (shared / "fiesnap").symlink_to(real / "fiesnap")
+    assert "writable by group or others" in units.untrusted(str(shared / "fiesnap"))
+
+
+def test_a_missing_import_folder_is_judged_by_where_it_would_be_made(tmp_path: Path) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    assert "writable by group or others" in units.untrusted(str(open_dir / "not-yet" / "site"))
+    assert units.untrusted(str(tmp_path / "not-yet" / "site")) is None
+
+
+def test_the_scripts_interpreter_is_checked(tmp_path: Path, monkeypatch) -> None:
+    """A root-owned script whose first line names an interpreter another user owns is refused."""
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    (bindir / "fiesnap").write_text(f"#!{theirs}/python\n")
+    os.chmod(bindir / "fiesnap", 0o755)
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    with pytest.raises(RefusedError, match=f"{theirs} is owned by uid {NOBODY}"):
+        units.installed_command()
+
+
+def test_the_working_folder_of_python_m_is_not_code_the_units_run(tmp_path: Path, monkeypatch) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    monkeypatch.chdir(theirs)
+    monkeypatch.setattr(sys, "path", [str(theirs), *sys.path])  # what `python -m` puts first
+    assert units.installed_command()
+
+
+def test_a_unit_folder_others_can_write_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "units"
+    folder.mkdir()
+    os.chmod(folder, 0o777)
+    with pytest.raises(RefusedError, match="writable by group or others"):
+        units.install_units(units.render_units("/usr/bin/fiesnap"), str(folder))
+    assert list(folder.iterdir()) == []

@@ -240,18 +240,35 @@ def test_a_failing_command_leaves_no_folder_or_lock_it_created(tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failing_command_removes_only_the_lock_it_created(good: Path) -> None:
+def test_a_failing_command_keeps_a_folder_that_was_there(good: Path) -> None:
+    """Its lock file stays too: another command may have opened it a moment ago, and must
+    not end up holding a file that is no longer the lock."""
     before = _snapshot(good)
     with pytest.raises(CheckpointNameError):
         with StateStore(str(good)).locked():
             StateStore(str(good)).load("nosuch")
-    assert _snapshot(good) == before  # the folder and its record stay, no .lock appeared
-    (good / ".lock").write_text("")
-    os.chmod(good / ".lock", 0o600)
-    with pytest.raises(CheckpointNameError):
-        with StateStore(str(good)).locked():
-            StateStore(str(good)).load("nosuch")
-    assert (good / ".lock").is_file()  # one that was there already stays
+    after = _snapshot(good)
+    assert after.pop(".lock") == b"" and after == before
+
+
+def test_a_folder_another_command_removed_is_made_again(tmp_path: Path, monkeypatch) -> None:
+    """A command that made the folder and then failed removes it: one that opened the folder in
+    between finds it gone when it creates the lock file, and makes it again."""
+    folder = tmp_path / "state"
+    real_open_lock = StateStore._open_lock
+    calls = []
+
+    def open_lock_after_the_folder_went(dfd: int, where: str) -> int:
+        if not calls:
+            (folder / ".lock").unlink(missing_ok=True)
+            folder.rmdir()
+        calls.append(where)
+        return real_open_lock(dfd, where)
+
+    monkeypatch.setattr(StateStore, "_open_lock", staticmethod(open_lock_after_the_folder_went))
+    with StateStore(str(folder)).locked():
+        assert (folder / ".lock").is_file()
+    assert len(calls) == 2
 
 
 def test_a_command_that_succeeds_keeps_its_folder_and_lock(tmp_path: Path, record) -> None:
