@@ -473,9 +473,16 @@ def _merge(name: str, keep_store: bool, as_json: bool, instant: bool = False) ->
     from fiesnap.model.units import format_bytes
 
     state = _ready()
-    show_bar = not as_json and _stderr_is_terminal()
+    if as_json:
+        progress_factory = None
+    elif _stderr_is_terminal():
+        progress_factory = _RichProgress  # a bar with the rate and the time left
+    else:  # a log or a pipe: a line every tenth, with the same
+        from fiesnap.commands.progress import LoggedProgress
+
+        progress_factory = lambda total: LoggedProgress(f"{name!r}: rollback", total, _log)  # noqa: E731
     result = merge_cmd.merge(name, _dm_factory, state, _log, keep_store=keep_store,
-                             progress_factory=_RichProgress if show_bar else None, instant=instant)
+                             progress_factory=progress_factory, instant=instant)
     if isinstance(result, InstantResult):
         if as_json:
             _emit_json(result.to_dict())

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from fiesnap.commands.guards import Log, require_root
+from fiesnap.commands.progress import LoggedProgress
 from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, RefusedError
 from fiesnap.commands import instant
 from fiesnap.commands.merge import merge_locked
@@ -120,23 +121,6 @@ def _activate_one(dm, record: CheckpointRecord, state: StateStore, log: Log, boo
     return ActivateResult(name, "activated", "checkpoint", attempts=attempts)
 
 
-class _LoggedProgress:
-    """A boot's rollback has no terminal: say how far the copy is, every tenth."""
-
-    def __init__(self, name: str, total: int, log: Log) -> None:
-        self.name, self.total, self.log, self.done, self.said = name, total, log, 0, 0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        tenth = self.done * 10 // self.total if self.total else 10
-        if tenth > self.said and tenth < 10:
-            self.said = tenth
-            self.log(f"{self.name!r}: rollback {tenth * 10}% copied")
-
-    def close(self) -> None:
-        pass
-
-
 def _roll_back(dm, record: CheckpointRecord, state: StateStore, log: Log) -> ActivateResult:
     """The update's boot attempts are spent: roll back instead of exposing (or finish doing so).
 
@@ -151,7 +135,7 @@ def _roll_back(dm, record: CheckpointRecord, state: StateStore, log: Log) -> Act
     log(f"{name!r}: {record.auto_rollback}: {verb} checkpoint of {record.created}")
     try:
         result = merge_locked(dm, record, state, log,
-                              progress_factory=lambda total: _LoggedProgress(name, total, log))
+                              progress_factory=lambda total: LoggedProgress(f"{name!r}: rollback", total, log))
     except FiesnapError as e:
         if state.load(name).phase != "active":
             raise  # the copy began: only finishing it is possible ('fiesnap merge' says the same)

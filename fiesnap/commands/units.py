@@ -112,8 +112,12 @@ def _code_paths() -> list[str]:
     """What the units' commands load: the import path (less the working folder, which `-m`
     puts first and relative entries name: the units run in / with `-P`), and the file of
     every module loaded once the commands they run are imported."""
+    import importlib
+
     import fiesnap
-    from fiesnap.commands import activate, commit, monitor  # noqa: F401 - what the units run
+
+    for command in ("activate", "commit", "monitor"):  # what the units run, and all they import
+        importlib.import_module(f"fiesnap.commands.{command}")
 
     cwd = os.getcwd()
     paths = [os.path.dirname(os.path.abspath(fiesnap.__file__)), sys.executable]

@@ -79,11 +79,11 @@ class DirectDevice:
             done += n
         return buf.view[:length]
 
-    def write_from(self, buf: AlignedBuffer, offset: int, length: int) -> None:
-        """Write exactly the first `length` bytes of `buf` at `offset`."""
+    def write_from(self, buf: AlignedBuffer, offset: int, length: int, *, start: int = 0) -> None:
+        """Write exactly `length` bytes of `buf`, from its byte `start`, at `offset`."""
         done = 0
         while done < length:
-            n = os.pwritev(self.fd, [buf.view[done:length]], offset + done)
+            n = os.pwritev(self.fd, [buf.view[start + done:start + length]], offset + done)
             if n <= 0:
                 raise OSError(f"short write to {self.path} at byte {offset + done}")
             done += n

@@ -157,6 +157,18 @@ class CowTable:
     def is_backed(self, cow_chunk: int) -> bool:
         return 0 <= cow_chunk < self.total_chunks and self.segment_at(cow_chunk).backed
 
+    def is_span_backed(self, first: int, last: int) -> bool:
+        """Every COW chunk in [first, last] is backed: one walk over the segments it touches,
+        so a table reader can clear a whole metadata area's entries at once."""
+        if not 0 <= first <= last < self.total_chunks:
+            return False
+        i = bisect_right(self._cow_starts, first) - 1
+        while i < len(self.segments) and self.segments[i].cow_start <= last:
+            if not self.segments[i].backed:
+                return False
+            i += 1
+        return True
+
     def store_chunks(self) -> ChunkSet:
         """The physical chunks holding the store: a merge must never write these."""
         return ChunkSet(ChunkRun(s.phys_start, s.count) for s in self.segments if s.backed)

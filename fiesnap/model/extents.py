@@ -171,6 +171,19 @@ class ChunkSet:
         i = bisect_right(self._starts, chunk) - 1
         return i >= 0 and chunk < self._ends[i]
 
+    def contains_any(self, chunks: Iterable[int]) -> bool:
+        """True when any of `chunks` is in the set (one call for many lookups)."""
+        starts, ends = self._starts, self._ends
+        if not starts:
+            return False
+        lo, hi = starts[0], ends[-1]
+        for c in chunks:
+            if lo <= c < hi:
+                i = bisect_right(starts, c) - 1
+                if i >= 0 and c < ends[i]:
+                    return True
+        return False
+
     def first_overlap(self, start: int, count: int) -> int | None:
         """The lowest chunk of [start, start+count) in the set, or None."""
         if count <= 0:

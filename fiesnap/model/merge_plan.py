@@ -8,7 +8,7 @@ physical chunks: that copy would destroy chunks the merge has yet to read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from fiesnap.errors import RefusedError, StoreFormatError
@@ -90,23 +90,23 @@ def plan_merge(
     if max_run_chunks < 1:
         raise ValueError(f"max_run_chunks must be at least 1, not {max_run_chunks}")
     runs: list[CopyRun] = []
-    prev_old: int | None = None
-    for e in sorted(table.entries, key=lambda e: e.old_chunk):
-        if e.old_chunk == prev_old:
+    # Entries are (old, new) tuples: sorting them sorts by origin chunk, in C.
+    ordered = sorted(table.entries)
+    dest = src = count = prev_old = -1
+    for old, new in ordered:
+        if old == prev_old:
             raise StoreFormatError(
-                f"origin chunk {e.old_chunk} has two saved copies; refusing to merge"
+                f"origin chunk {old} has two saved copies; refusing to merge"
             )
-        prev_old = e.old_chunk
-        last = runs[-1] if runs else None
-        if (
-            last is not None
-            and last.count < max_run_chunks
-            and last.dest_chunk + last.count == e.old_chunk
-            and last.src_chunk + last.count == e.new_chunk
-        ):
-            runs[-1] = CopyRun(last.dest_chunk, last.src_chunk, last.count + 1)
-        else:
-            runs.append(CopyRun(e.old_chunk, e.new_chunk, 1))
+        prev_old = old
+        if count > 0 and count < max_run_chunks and dest + count == old and src + count == new:
+            count += 1
+            continue
+        if count > 0:
+            runs.append(CopyRun(dest, src, count))
+        dest, src, count = old, new, 1
+    if count > 0:
+        runs.append(CopyRun(dest, src, count))
 
     for r in runs:
         hit = forbidden.first_overlap(r.dest_chunk, r.count)
@@ -117,3 +117,58 @@ def plan_merge(
                 "safely (please report it); 'fiesnap commit' keeps the current data"
             )
     return MergePlan(tuple(runs), table.chunk_bytes)
+
+
+@dataclass(frozen=True)
+class CopyWrite:
+    """Write `length` bytes from `buf_offset` of a batch's buffer to device byte `dest`."""
+
+    dest: int
+    buf_offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """One read of the store, `length` bytes from store byte `src`, and the writes it feeds
+    (sorted by destination)."""
+
+    src: int
+    length: int
+    writes: tuple[CopyWrite, ...]
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(w.length for w in self.writes)
+
+
+def plan_batches(ranges: Sequence[tuple[int, int, int]], *, max_read_bytes: int,
+                 max_gap_bytes: int) -> tuple[ReadBatch, ...]:
+    """Group (dest, src, length) copies into reads of the store in its own order.
+
+    The store's chunks were allocated in write order, so the copies of a rollback are
+    scattered over the device but mostly contiguous in the store: reading the store in order,
+    in reads of up to `max_read_bytes` that may step over gaps of up to `max_gap_bytes`
+    (metadata areas, chunks another run holds), turns thousands of small reads into a few
+    large ones. Every copy lands in exactly one batch, whole.
+    """
+    if max_read_bytes <= 0 or max_gap_bytes < 0:
+        raise ValueError("max_read_bytes must be positive and max_gap_bytes not negative")
+    batches: list[ReadBatch] = []
+    start = end = -1
+    writes: list[CopyWrite] = []
+
+    def flush() -> None:
+        if writes:
+            batches.append(ReadBatch(start, end - start, tuple(sorted(writes, key=lambda w: w.dest))))
+
+    for dest, src, length in sorted(ranges, key=lambda r: r[1]):
+        if writes and start <= src and src - end <= max_gap_bytes and src + length - start <= max_read_bytes:
+            writes.append(CopyWrite(dest, src - start, length))
+            end = max(end, src + length)
+            continue
+        flush()
+        start, end, writes = src, src + length, [CopyWrite(dest, 0, length)]
+    flush()
+    return tuple(batches)
+

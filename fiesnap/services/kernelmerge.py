@@ -38,6 +38,7 @@ def real_exceptions(cow_node: str, record: CheckpointRecord) -> tuple[CowExcepti
                 read_chunk, cow_chunks=record.cow.total_chunks, origin_chunks=record.origin_chunks,
                 chunk_bytes=record.chunk_bytes, seeded=plan.entries, seeded_old=plan.seeded,
                 data_start=plan.layout.data_start, is_backed=record.cow.is_backed,
+                is_span_backed=record.cow.is_span_backed,
                 converted=plan.converted, seeded_unchecked=True)
     else:
         table = read_table(cow_node, record)
@@ -49,7 +50,8 @@ def read_handed_table(cow_node: str, record: CheckpointRecord):
     """The table as handed to the kernel (or what is left of it while it merges): real
     exceptions only, from slot 0, each checked as the offline merge checks them."""
     layout = record.seed_layout
-    extra = dict(data_start=layout.data_start, is_backed=record.cow.is_backed) if layout else {}
+    extra = dict(data_start=layout.data_start, is_backed=record.cow.is_backed,
+                 is_span_backed=record.cow.is_span_backed) if layout else {}
     with chunk_reader(cow_node, record) as read_chunk:
         table = read_exception_table(read_chunk, cow_chunks=record.cow.total_chunks,
                                      origin_chunks=record.origin_chunks, chunk_bytes=record.chunk_bytes,

@@ -174,3 +174,11 @@ def test_cow_to_phys_consistent_with_dm_targets(t):
     assert len(backed) == len(set(backed)) == t.total_chunks == len(t.store_chunks())
     assert set(backed) == set(t.store_chunks())
     assert CowTable.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+
+
+def test_is_span_backed_agrees_with_is_backed_chunk_by_chunk():
+    t = CowTable(CB, (Segment(0, 4, 100), Segment(4, 3, 0, "zero"), Segment(7, 5, 200)))
+    for first in range(-1, 14):
+        for last in range(first, 14):
+            want = 0 <= first and all(t.is_backed(c) for c in range(first, last + 1))
+            assert t.is_span_backed(first, last) == want, (first, last)

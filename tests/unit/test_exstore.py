@@ -311,3 +311,56 @@ def test_random_corruptions_are_refused(data, kind):
         cow_chunks = area_location(n // EPA, CB)  # last area read falls off the end
     with pytest.raises(StoreFormatError):
         read(chunks, cow_chunks=cow_chunks)
+
+
+# -- the whole-area checks agree with the entry-by-entry ones ----------------------------------
+
+
+def _reference(olds, news, *, cow_chunks, holes, seeded_old):
+    """The rules entry by entry, as the reader applied them before areas were checked whole:
+    None when every entry passes, else the index of the first that fails."""
+    stride = EPA + 1
+    seen_o, seen_n = set(), set()
+    for i, (o, n) in enumerate(zip(olds, news)):
+        if (o >= ORIGIN or n < 2 or n >= cow_chunks or (n - 1) % stride == 0 or n in holes
+                or o in seen_o or o in seeded_old or n in seen_n):
+            return i
+        seen_o.add(o)
+        seen_n.add(n)
+    return None
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_whole_area_checks_match_the_entry_by_entry_rules(data):
+    from fiesnap.model.extents import ChunkRun, ChunkSet
+
+    n = data.draw(st.integers(1, 3 * EPA + 5))
+    cow_chunks = cow_size(n) + data.draw(st.integers(0, 40))
+    olds = data.draw(st.lists(st.integers(0, ORIGIN + 3), min_size=n, max_size=n))
+    news = data.draw(st.lists(st.integers(2, cow_chunks + 3), min_size=n, max_size=n))
+    hole_starts = data.draw(st.lists(st.integers(2, cow_chunks), max_size=3))
+    holes = {c for s in hole_starts for c in range(s, s + 3)} - {area_location(a, CB) for a in range(n // EPA + 2)}
+    seeded = ChunkSet(ChunkRun(s, 2) for s in data.draw(st.lists(st.integers(0, ORIGIN), max_size=3)))
+    chunks = encode_store(CB, olds, new_chunks=news)
+    kw = dict(cow_chunks=cow_chunks, origin_chunks=ORIGIN, chunk_bytes=CB,
+              seeded_old=seeded, is_backed=lambda c: c not in holes)
+    if data.draw(st.booleans()):  # with and without the span shortcut
+        kw["is_span_backed"] = lambda a, b: not any(c in holes for c in range(a, b + 1))
+    bad = _reference(olds, news, cow_chunks=cow_chunks, holes=holes, seeded_old=set(seeded))
+    if bad is None:
+        t = read_exception_table(reader(chunks), **kw)
+        assert t.entries == tuple(CowException(o, w) for o, w in zip(olds, news))
+    else:
+        with pytest.raises(StoreFormatError) as e:
+            read_exception_table(reader(chunks), **kw)
+        area, slot = divmod(bad, EPA)
+        assert f"area {area}, slot {slot}:" in str(e.value)
+
+
+def test_span_and_many_lookups_helpers():
+    from fiesnap.model.extents import ChunkRun, ChunkSet
+
+    s = ChunkSet([ChunkRun(10, 5), ChunkRun(100, 1)])
+    assert s.contains_any([3, 200, 14]) and s.contains_any([100])
+    assert not s.contains_any([9, 15, 99, 101]) and not ChunkSet().contains_any([1, 2])
