@@ -17,7 +17,8 @@
 #                guest (tests/kernel/test_crash_replay.py); not part of `make test`, which replays
 #                a sample of 12 with the other kernel tests
 #   make bench   the benchmarks (benchmarks/README.md) in lab guests, one after the other; not
-#                part of `make test`; results in .lab/runs/script-<bench>/results/
+#                part of `make test`; results in .lab/runs/script-<bench>/results/; installs
+#                the benchmark peers lvm2 and fio on the host (the guests see its files)
 #
 # Knobs: LAB_ARGS (e.g. LAB_ARGS="--shards 2"), PYTEST_ARGS (unit tests),
 #        KERNEL_TEST_ARGS (passed to pytest in the guest, e.g. KERNEL_TEST_ARGS="-k smoke -x").
@@ -56,7 +57,7 @@ FIESNAP_CRASH_POINTS ?= 120
 CRASH_REPLAY := $(VPY) -m tests.lab kernel-tests --shards 1 $(LAB_ARGS) -- -p tests.kernel.crash_replay \
 	--crash-points $(FIESNAP_CRASH_POINTS) tests/kernel/test_crash_replay.py
 
-.PHONY: test demo lab sysdeps venv kernel udev unit kernel-tests kernel-tests-plain lab-selftest udev-tests power-cut-tests update-boot-tests instant-boot-tests crash-replay bench clean-lab
+.PHONY: test demo lab sysdeps bench-sysdeps venv kernel udev unit kernel-tests kernel-tests-plain lab-selftest udev-tests power-cut-tests update-boot-tests instant-boot-tests crash-replay bench clean-lab
 
 lab: sysdeps venv kernel udev
 
@@ -133,7 +134,21 @@ test: lab
 	fi
 
 # Benchmarks report numbers, they do not pass or fail on speed (a run fails only if a script did).
-bench: lab
+# Benchmark peers, only for `make bench` (never used by fiesnap itself): LVM's snapshot merge
+# and fio's replay of a rollback's I/O pattern run in the lab guest, which sees the host's files.
+BENCH_APT_PACKAGES := lvm2 fio
+
+bench-sysdeps:
+	@missing=$$(for p in $(BENCH_APT_PACKAGES); do \
+	    dpkg-query -W -f='$${db:Status-Abbrev}' "$$p" 2>/dev/null | grep -q '^ii' || echo "$$p"; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "make: installing benchmark peers:" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+bench: lab bench-sysdeps
 	@rc=0; \
 	for b in monitor_bench hash_bench; do \
 	  $(VPY) -m tests.lab script benchmarks/$$b.py --disks 1 --disk-size 3G --timeout 1500 || rc=$$?; \
@@ -144,6 +159,7 @@ bench: lab
 	$(VPY) -m tests.lab script benchmarks/instant_bench.py --disks 1 --disk-size 2G --timeout 2400 \
 	  -- --pattern scatter --overwrite 48M || rc=$$?; \
 	$(VPY) -m tests.lab script benchmarks/startup_bench.py --disks 1 --disk-size 512M --timeout 900 || rc=$$?; \
+	$(VPY) -m tests.lab script benchmarks/merge_bench.py --disks 2 --disk-size 2G --timeout 2400 || rc=$$?; \
 	exit $$rc
 
 demo: lab
