@@ -61,15 +61,20 @@ CRASH_REPLAY := $(VPY) -m tests.lab kernel-tests --shards 1 $(LAB_ARGS) -- -p te
 
 lab: sysdeps venv kernel udev
 
-sysdeps:
-	@missing=$$(for p in $(APT_PACKAGES); do \
+# $(call apt_install,PACKAGES,WHAT): install those of the Debian PACKAGES that are missing.
+define apt_install
+	@missing=$$(for p in $(1); do \
 	    dpkg-query -W -f='$${db:Status-Abbrev}' "$$p" 2>/dev/null | grep -q '^ii' || echo "$$p"; \
 	  done); \
 	if [ -n "$$missing" ]; then \
-	  echo "make: installing Debian packages:" $$missing; \
+	  echo "make: installing $(2):" $$missing; \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+sysdeps:
+	$(call apt_install,$(APT_PACKAGES),Debian packages)
 
 venv: $(STAMP)
 
@@ -139,14 +144,7 @@ test: lab
 BENCH_APT_PACKAGES := lvm2 fio
 
 bench-sysdeps:
-	@missing=$$(for p in $(BENCH_APT_PACKAGES); do \
-	    dpkg-query -W -f='$${db:Status-Abbrev}' "$$p" 2>/dev/null | grep -q '^ii' || echo "$$p"; \
-	  done); \
-	if [ -n "$$missing" ]; then \
-	  echo "make: installing benchmark peers:" $$missing; \
-	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	$(call apt_install,$(BENCH_APT_PACKAGES),benchmark peers)
 
 bench: lab bench-sysdeps
 	@rc=0; \

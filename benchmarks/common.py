@@ -152,3 +152,16 @@ def median(xs: list[float]) -> float | None:
         return None
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def populate_ext4(dev: str, mnt: str, files: int, file_mib: int) -> None:
+    """A new ext4 on `dev` (its inode tables and journal written now, not lazily during the
+    measurement) holding `files` files f0.bin ... of `file_mib` MiB of random data."""
+    sh("wipefs", "-aq", dev)
+    sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
+    os.makedirs(mnt, exist_ok=True)
+    sh("mount", dev, mnt)
+    for i in range(files):
+        sh("dd", "if=/dev/urandom", f"of={mnt}/f{i}.bin", "bs=1M", f"count={file_mib}", "status=none")
+    sh("umount", mnt)
+

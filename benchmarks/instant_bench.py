@@ -24,7 +24,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MiB, aligned_buffer, log, machine, median, require_lab, sh, write_results  # noqa: E402
+from common import (MiB, aligned_buffer, log, machine, median, populate_ext4, require_lab, sh,  # noqa: E402
+                    write_results)
 from fiesnap.commands import merge as merge_cmd  # noqa: E402
 from fiesnap.commands import start as start_cmd  # noqa: E402
 from fiesnap.kernel.dm import DeviceMapper  # noqa: E402
@@ -45,13 +46,7 @@ def quiet(_msg: str) -> None:
 def prepare(disk: str, overwrite: int, scatter: bool) -> None:
     """A checkpointed ext4 whose store holds `overwrite` bytes of saved data: rewritten in 1 MiB
     writes, or (`scatter`) one 4 KiB block in two, so that every saved chunk is a run of its own."""
-    sh("wipefs", "-aq", disk)
-    sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", disk)
-    os.makedirs(MNT, exist_ok=True)
-    sh("mount", disk, MNT)
-    for i in range(FILES):
-        sh("dd", "if=/dev/urandom", f"of={MNT}/f{i}.bin", "bs=1M", f"count={FILE_MIB}", "status=none")
-    sh("umount", MNT)
+    populate_ext4(disk, MNT, FILES, FILE_MIB)
     os.makedirs(STATE, mode=0o700, exist_ok=True)
     os.chmod(STATE, 0o700)
     store = overwrite + overwrite // 8 + 16 * MiB

@@ -2,7 +2,7 @@
 """Benchmark: the offline merge against raw copies of the same bytes and against LVM's merge.
 
     .venv/bin/python -m tests.lab script benchmarks/merge_bench.py --disks 2 --disk-size 2G --timeout 2400
-    ... -- --rounds 2 --sequential 96M --random 3000                      (defaults)
+    ... -- --rounds 5 --sequential 96M --random 3000                      (defaults)
 
 The workload, per round and per peer, from the same kind of image: an ext4 of FILES files of
 random data, a checkpoint (fiesnap: a plain store, so every overwritten chunk is saved; LVM: a
@@ -40,7 +40,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MiB, aligned_buffer, log, machine, median, require_lab, sh, write_results  # noqa: E402
+from common import (MiB, aligned_buffer, log, machine, median, populate_ext4, require_lab, sh,  # noqa: E402
+                    write_results)
 from fiesnap.commands import merge as merge_cmd  # noqa: E402
 from fiesnap.commands import start as start_cmd  # noqa: E402
 from fiesnap.kernel.dm import DeviceMapper  # noqa: E402
@@ -68,13 +69,7 @@ def quiet(_msg: str) -> None:
 
 
 def populate(dev: str) -> None:
-    sh("wipefs", "-aq", dev)
-    sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
-    os.makedirs(MNT, exist_ok=True)
-    sh("mount", dev, MNT)
-    for i in range(FILES):
-        sh("dd", "if=/dev/urandom", f"of={MNT}/f{i}.bin", "bs=1M", f"count={FILE_MIB}", "status=none")
-    sh("umount", MNT)
+    populate_ext4(dev, MNT, FILES, FILE_MIB)
 
 
 def workload(dev: str, sequential: int, random_writes: int, seed: int) -> None:
@@ -198,7 +193,7 @@ def lvm_round(disk: str, sequential: int, random_writes: int, seed: int) -> floa
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sequential", default="96M")
     ap.add_argument("--random", type=int, default=3000)
     args = ap.parse_args()
