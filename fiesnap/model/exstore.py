@@ -275,7 +275,10 @@ def read_exception_table(
         if len(old_set) != len(olds) or len(new_set) != len(news):
             return False
         first_area = lo - (lo - HEADER_CHUNKS) % stride
-        if any(m in new_set for m in range(first_area, hi + 1, stride)):
+        if (hi - first_area) // stride < len(news):  # whichever is shorter: areas in the span,
+            if any(m in new_set for m in range(first_area, hi + 1, stride)):
+                return False
+        elif any((n - HEADER_CHUNKS) % stride == 0 for n in news):  # or the entries themselves
             return False
         if not all_backed and not (is_span_backed is not None and is_span_backed(lo, hi)) \
                 and not all(map(is_backed, news)):
@@ -316,7 +319,8 @@ def read_exception_table(
         else:  # walk it entry by entry: the first bad one is named exactly
             for i, (old, new) in enumerate(zip(olds, news), first):
                 check(old, new, f"has a bad entry (area {area}, slot {i}: origin chunk {old} -> COW chunk {new})")
-            raise AssertionError("an area failed the bulk checks but no entry failed its own")
+            raise _refuse(f"metadata area {area} failed a check that none of its entries fails "
+                          "(please report it)")
         area += 1
 
     next_free = max(data_start, max(seen_new, default=0) + 1)

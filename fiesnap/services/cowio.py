@@ -153,35 +153,48 @@ def _copy_batches(batches, src: DirectDevice, dst: DirectDevice, buf_bytes: int,
             buffers.put(buf)
 
     copied = 0
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fiesnap-copy")
+    pending: set = set()
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fiesnap-copy") as pool:
-            pending: set = set()
-            todo = iter(batches)
-            for batch in todo:
-                pending.add(pool.submit(run, batch))
-                if len(pending) >= 2 * workers:
-                    copied += _collect(pending, progress)
-            while pending:
+        for batch in batches:
+            pending.add(pool.submit(run, batch))
+            if len(pending) >= 2 * workers:
                 copied += _collect(pending, progress)
+        while pending:
+            copied += _collect(pending, progress)
+    except BaseException:  # an I/O error, or ^C: drop what has not started
+        for f in pending:
+            f.cancel()
+        raise
     finally:
+        _join(pool)
         for b in owned:
             b.close()
     return copied
 
 
+def _join(pool: ThreadPoolExecutor) -> None:
+    """Wait for every running batch, through any number of ^C: the caller closes the
+    descriptors those threads write through, and a closed number can be reused by the next
+    open."""
+    while True:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 def _collect(pending: set, progress: Callable[[int], None]) -> int:
-    """Wait for at least one batch; account the finished ones; raise the first error (after
-    cancelling what has not started)."""
+    """Wait for at least one batch; account the finished ones; raise the first error."""
     done, _ = wait(pending, return_when=FIRST_COMPLETED)
     total = 0
     for f in done:
         pending.discard(f)
-        if f.exception() is not None:
-            for other in pending:
-                other.cancel()
-            wait(pending)
-            raise f.exception()
-        n = f.result()
+        n = f.result()  # raises the batch's error
         total += n
-        progress(n)
+        try:
+            progress(n)
+        except Exception:  # noqa: BLE001 - showing progress (a closed pipe, say) must never stop a rollback
+            pass
     return total

@@ -139,3 +139,61 @@ def test_logged_progress_says_rate_and_time_left_every_tenth() -> None:
     assert len(lines) == 9  # 10% .. 90%; the end is said by the merge itself
     assert lines[0] == "'cp': rollback 10% copied (10.0 MiB of 100.0 MiB, 10.0 MiB/s, about 9 s left)"
     assert lines[-1].startswith("'cp': rollback 90% copied") and lines[-1].endswith("about 1 s left)")
+
+
+def test_an_interrupt_drops_the_batches_not_started(tmp_path: Path, monkeypatch) -> None:
+    """^C lands in the main thread, waiting for batches: those not started never run (a re-run
+    of the merge copies everything again anyway)."""
+    if not _direct_ok(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    (tmp_path / "store").write_bytes(bytes(400 * CB))
+    (tmp_path / "device").write_bytes(bytes(400 * CB))
+    ranges = [(i * 2 * CB, (2 + i * 3) * CB, CB) for i in range(100)]
+    batches = plan_batches(ranges, max_read_bytes=CB, max_gap_bytes=0)
+    writes = []
+    real = os.pwritev
+    monkeypatch.setattr(os, "pwritev", lambda fd, bufs, off: writes.append(off) or real(fd, bufs, off))
+
+    def interrupted(n: int) -> None:
+        raise KeyboardInterrupt
+
+    with DirectDevice.open(str(tmp_path / "store"), write=False) as s, \
+            DirectDevice.open(str(tmp_path / "device"), write=True) as d:
+        with pytest.raises(KeyboardInterrupt):
+            cowio._copy_batches(batches, s, d, CB, interrupted, 4)
+    assert len(writes) <= 2 * 4 + 4  # at most what was queued or running when it came
+
+
+def test_copy_back_restores_a_clipped_last_chunk_exactly(tmp_path: Path, monkeypatch) -> None:
+    """The whole copy_back, buffer sizing and the origin's partial last chunk included: the
+    device's size is not a multiple of the chunk, so its last copy is clipped (a regular file
+    stands in for the device: the device-number check is the kernel tests' to prove)."""
+    if not _direct_ok(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    from types import SimpleNamespace
+
+    from fiesnap.model.exstore import CowException, ExceptionTable
+    from fiesnap.model.extents import ChunkSet
+    from fiesnap.model.merge_plan import plan_merge
+
+    device_bytes = 300 * CB + 1024  # the last chunk, 300, is 1 KiB long
+    rng = random.Random(3)
+    store = rng.randbytes(400 * CB)
+    device = bytearray(rng.randbytes(device_bytes))
+    pairs = [(c, 2 + i) for i, c in enumerate(sorted(rng.sample(range(299), 120)) + [300])]
+    table = ExceptionTable(CB, tuple(CowException(o, n) for o, n in pairs), 1, 200)
+    plan = plan_merge(table, forbidden=ChunkSet(), max_run_chunks=256)
+    want = bytearray(device)
+    for o, n in pairs:
+        end = min((o + 1) * CB, device_bytes)
+        want[o * CB:end] = store[n * CB:n * CB + end - o * CB]
+    (tmp_path / "store").write_bytes(store)
+    (tmp_path / "device").write_bytes(device)
+    real_open = cowio.DirectDevice.open
+    monkeypatch.setattr(cowio.DirectDevice, "open",
+                        classmethod(lambda cls, path, *, write, expect_rdev=None, exclusive=False:
+                                    real_open(path, write=write)))
+    record = SimpleNamespace(device_bytes=device_bytes, device_major=0, device_minor=0)
+    result = cowio.copy_back(plan, record, str(tmp_path / "store"), str(tmp_path / "device"))
+    assert (tmp_path / "device").read_bytes() == bytes(want)
+    assert result.chunks == len(pairs) and result.bytes_copied == 120 * CB + 1024

@@ -337,8 +337,14 @@ def test_whole_area_checks_match_the_entry_by_entry_rules(data):
 
     n = data.draw(st.integers(1, 3 * EPA + 5))
     cow_chunks = cow_size(n) + data.draw(st.integers(0, 40))
-    olds = data.draw(st.lists(st.integers(0, ORIGIN + 3), min_size=n, max_size=n))
-    news = data.draw(st.lists(st.integers(2, cow_chunks + 3), min_size=n, max_size=n))
+    # A valid table over several areas (the kernel's own allocation, origins all different),
+    # then now and then one entry changed to anything: both the accepted and the refused paths.
+    olds = data.draw(st.lists(st.integers(0, ORIGIN - 1), min_size=n, max_size=n, unique=True))
+    news = data.draw(st.permutations(allocate_new_chunks(n, CB)))
+    if data.draw(st.booleans()):
+        i = data.draw(st.integers(0, n - 1))
+        olds[i] = data.draw(st.integers(0, ORIGIN + 3))
+        news[i] = data.draw(st.integers(2, cow_chunks + 3))
     hole_starts = data.draw(st.lists(st.integers(2, cow_chunks), max_size=3))
     holes = {c for s in hole_starts for c in range(s, s + 3)} - {area_location(a, CB) for a in range(n // EPA + 2)}
     seeded = ChunkSet(ChunkRun(s, 2) for s in data.draw(st.lists(st.integers(0, ORIGIN), max_size=3)))
