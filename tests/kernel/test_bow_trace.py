@@ -45,6 +45,26 @@ def _free_at_mark(log_path: str, mark: str, blocks: int, block: int) -> bytearra
     return free
 
 
+def _blocks_in_use_that_differ(image: str, reference: str, free: bytearray, block: int) -> list[int]:
+    """Blocks of `image` that differ from `reference`, leaving out those free at the mark."""
+    differ = []
+    with open(image, "rb") as a, open(reference, "rb") as b:
+        for blk in range(len(free)):
+            if a.read(block) != b.read(block) and not free[blk]:
+                differ.append(blk)
+    return differ
+
+
+def _assert_fsck_clean_and_tree(image: str, mnt: str, before: object, options: str) -> None:
+    """e2fsck finds nothing, and the files read back as they were at the mark."""
+    sh("e2fsck", "-fn", image)
+    sh("mount", "-o", options, image, mnt)
+    try:
+        assert tree_digest(mnt) == before
+    finally:
+        sh("umount", mnt)
+
+
 def _bow(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bow_compat", *map(str, args)], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL)
@@ -99,20 +119,9 @@ def test_bow_replay_and_restore_of_a_real_ext4_trace(scratch_disks, tmp_path, bl
 
         free = _free_at_mark(logdev, "checkpoint", FS_BYTES // block, block)
         assert sum(free) > (FS_BYTES // block) // 4, "precondition: fstrim reported free space"
-        differ = []
-        with open(data, "rb") as a, open(cp_img, "rb") as b:
-            for blk in range(FS_BYTES // block):
-                x, y = a.read(block), b.read(block)
-                if x != y and not free[blk]:
-                    differ.append(blk)
+        differ = _blocks_in_use_that_differ(data, cp_img, free, block)
         assert differ == [], f"{len(differ)} blocks differ from the checkpoint, first {differ[:10]}"
-
-        sh("e2fsck", "-fn", data)
-        sh("mount", "-o", "ro", data, mnt)
-        try:
-            assert tree_digest(mnt) == before
-        finally:
-            sh("umount", mnt)
+        _assert_fsck_clean_and_tree(data, mnt, before, "ro")
     finally:
         subprocess.run(["umount", wdir], capture_output=True)
 
@@ -182,17 +191,10 @@ def test_bow_record_replay_restore_on_a_loop_device(scratch_disks, tmp_path):
         # fstrim and the freeze wrote before the mark: the superblock (in block 0 with 4 KiB
         # blocks; seen: only it), perhaps the journal's
         free = _free_at_mark(logdev, "checkpoint", REC_FS // 4096, 4096)
-        with open(out, "rb") as a, open(base, "rb") as b:
-            differ = [blk for blk in range(REC_FS // 4096) if a.read(4096) != b.read(4096) and not free[blk]]
+        differ = _blocks_in_use_that_differ(out, base, free, 4096)
         print(f"{len(differ)} blocks in use at the mark differ from BASE: {differ[:20]}")
         assert 0 in differ and len(differ) <= 8, differ[:50]
-
-        sh("e2fsck", "-fn", out)
-        sh("mount", "-o", "ro,loop", out, mnt)
-        try:
-            assert tree_digest(mnt) == before
-        finally:
-            sh("umount", mnt)
+        _assert_fsck_clean_and_tree(out, mnt, before, "ro,loop")
     finally:
         subprocess.run(["umount", mnt], capture_output=True)
         subprocess.run(["umount", wdir], capture_output=True)

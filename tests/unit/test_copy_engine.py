@@ -197,3 +197,24 @@ def test_copy_back_restores_a_clipped_last_chunk_exactly(tmp_path: Path, monkeyp
     result = cowio.copy_back(plan, record, str(tmp_path / "store"), str(tmp_path / "device"))
     assert (tmp_path / "device").read_bytes() == bytes(want)
     assert result.chunks == len(pairs) and result.bytes_copied == 120 * CB + 1024
+
+
+def test_a_progress_display_that_fails_does_not_stop_the_copy(tmp_path: Path) -> None:
+    """stderr closed under a merge (a pipe whose reader went away): the rollback goes on."""
+    if not _direct_ok(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    rng = random.Random(5)
+    store = rng.randbytes(200 * CB)
+    (tmp_path / "store").write_bytes(store)
+    (tmp_path / "device").write_bytes(bytes(200 * CB))
+    ranges = [(i * 3 * CB, (2 + i) * CB, CB) for i in range(40)]
+    batches = plan_batches(ranges, max_read_bytes=4 * CB, max_gap_bytes=0)
+
+    def broken_pipe(n: int) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with DirectDevice.open(str(tmp_path / "store"), write=False) as s, \
+            DirectDevice.open(str(tmp_path / "device"), write=True) as d:
+        assert cowio._copy_batches(batches, s, d, 4 * CB, broken_pipe, 4) == 40 * CB
+    device = (tmp_path / "device").read_bytes()
+    assert all(device[dest:dest + n] == store[src:src + n] for dest, src, n in ranges)
