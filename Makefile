@@ -1,14 +1,21 @@
 # fiesnap: setup, tests and the VM lab.
 #
-#   make test    install what is missing (Debian packages, .venv, lab kernel and udev), then
-#                run the host unit tests, the real-kernel tests in the VM lab, the lab's
+#   make test    install what is missing (Debian packages, .venv, the two lab kernels and udev),
+#                then run the host unit tests, the real-kernel tests in the VM lab, the lab's
 #                two-boot self-test, the udev tests (a guest running udevd), the
 #                power-cut tests (three boots, then two of an instant rollback) and the
-#                five-boot update-lifecycle tests
+#                five-boot update-lifecycle tests on Debian's kernel (linux-image-amd64, 6.1);
+#                on the second kernel series (SECOND_KERNEL, 6.12) the rollback, online and
+#                bad-input tests and the power-cut boots
+#   make test-kernels   everything real-kernel in `make test` on each of LAB_KERNELS (both
+#                series) in turn, the whole suite on each (~30 min per kernel); not part of
+#                `make test`
 #   make demo    same setup, then the demo script in a lab guest
 #   make lab     setup only
 #   make unit / kernel-tests / lab-selftest / udev-tests / power-cut-tests / update-boot-tests /
 #                instant-boot-tests    one part of `make test`
+#   make lab-tests    every real-kernel part of `make test` on one kernel: the one
+#                $FIESNAP_LAB_KERNEL names (a Debian kernel package), else linux-image-amd64
 #   make kernel-tests-plain   the real-kernel suite with every `fiesnap start` that does not name
 #                a store making a plain one (`make test` runs it with the default, free-aware
 #                store; the dm-snapshot trap tests and the power cuts run both stores there)
@@ -21,7 +28,9 @@
 #                the benchmark peers lvm2 and fio on the host (the guests see its files)
 #
 # Knobs: LAB_ARGS (e.g. LAB_ARGS="--shards 2"), PYTEST_ARGS (unit tests),
-#        KERNEL_TEST_ARGS (passed to pytest in the guest, e.g. KERNEL_TEST_ARGS="-k smoke -x").
+#        KERNEL_TEST_ARGS (passed to pytest in the guest, e.g. KERNEL_TEST_ARGS="-k smoke -x"),
+#        FIESNAP_LAB_KERNEL (environment: the kernel package every lab guest boots, e.g.
+#        FIESNAP_LAB_KERNEL=linux-image-6.12-amd64 make kernel-tests), SECOND_KERNEL, LAB_KERNELS.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -40,6 +49,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 KERNEL_TEST_ARGS ?=
+# Lab kernels: Debian packages, fetched into .lab/kernels/<package>. The distribution's own
+# kernel is the default; the second series is the newest Debian 12 backports kernel.
+SECOND_KERNEL ?= linux-image-6.12-amd64
+LAB_KERNELS ?= linux-image-amd64 $(SECOND_KERNEL)
+# What every landing also runs on the second kernel: rollback (start, merge, commit, the
+# dm-snapshot traps), online start and switch, bad input, the dm layer; the power cuts below.
+SECOND_KERNEL_TESTS := tests/kernel/test_checkpoint.py tests/kernel/test_online.py \
+	tests/kernel/test_bad_input.py tests/kernel/test_dm.py
+SECOND := env FIESNAP_LAB_KERNEL=$(SECOND_KERNEL)
 
 # The lab's own checks: power cut between two boots on the same disk; udev in a guest.
 LAB_SELFTEST := $(VPY) -m tests.lab boots tests/lab/selftest-boots.sh --boots 2 --disks 1 --disk-size 64M
@@ -57,7 +75,9 @@ FIESNAP_CRASH_POINTS ?= 120
 CRASH_REPLAY := $(VPY) -m tests.lab kernel-tests --shards 1 $(LAB_ARGS) -- -p tests.kernel.crash_replay \
 	--crash-points $(FIESNAP_CRASH_POINTS) tests/kernel/test_crash_replay.py
 
-.PHONY: test demo lab sysdeps bench-sysdeps venv kernel udev unit kernel-tests kernel-tests-plain lab-selftest udev-tests power-cut-tests update-boot-tests instant-boot-tests crash-replay bench clean-lab
+.PHONY: test test-kernels lab-tests demo lab sysdeps bench-sysdeps venv kernel udev unit kernel-tests \
+	kernel-tests-plain lab-selftest udev-tests power-cut-tests update-boot-tests instant-boot-tests \
+	crash-replay bench clean-lab
 
 lab: sysdeps venv kernel udev
 
@@ -85,6 +105,7 @@ $(STAMP): pyproject.toml
 
 kernel: venv
 	@$(VPY) -m tests.lab kernel >/dev/null
+	@for k in $(LAB_KERNELS); do $(VPY) -m tests.lab kernel --kernel $$k >/dev/null || exit 1; done
 
 udev: venv
 	@$(VPY) -m tests.lab udev >/dev/null
@@ -116,27 +137,60 @@ instant-boot-tests: lab
 crash-replay: lab
 	$(CRASH_REPLAY)
 
-# Every part always runs; the target fails if any did (pytest's 5, "no tests", too).
-# After the kernel tests' guests: the power-cut tests (three boots) in one lane, the lab's
-# two-boot self-test, the udev guest and the update-lifecycle boots in the other; the
-# power-cut output comes last.
-test: lab
-	@unit=0; kern=0; boots=0; udev=0; power=0; update=0; \
-	$(VPY) -m pytest tests/unit $(PYTEST_ARGS) || unit=$$?; \
-	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS) || kern=$$?; \
+# $(call boot_lanes,MORE): the boot tests in two lanes, setting the shell variables power, boots,
+# udev and update to their exit statuses: the power-cut tests (three boots, then the instant
+# rollback's two) in one lane; the lab's two-boot self-test, the udev guest, the
+# update-lifecycle boots and then MORE (shell commands ending in ';') in the other. The first
+# lane's output comes last.
+define boot_lanes
 	log=$$(mktemp); \
 	{ $(POWER_CUT_TESTS) && $(INSTANT_BOOT_TESTS); } >"$$log" 2>&1 & ppid=$$!; \
 	$(LAB_SELFTEST) || boots=$$?; \
 	$(UDEV_TESTS) || udev=$$?; \
 	$(UPDATE_BOOT_TESTS) || update=$$?; \
+	$(1) \
 	wait $$ppid || power=$$?; \
-	echo "----- power-cut tests: $(POWER_CUT_TESTS), then $(INSTANT_BOOT_TESTS)"; cat "$$log"; rm -f "$$log"; \
-	if [ $$unit != 0 ] || [ $$kern != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ] || [ $$power != 0 ] \
-	   || [ $$update != 0 ]; then \
+	echo "----- power-cut tests: $(POWER_CUT_TESTS), then $(INSTANT_BOOT_TESTS)"; cat "$$log"; rm -f "$$log";
+endef
+
+# Every part always runs; the target fails if any did (pytest's 5, "no tests", too).
+# The kernel tests' guests (two at a time) on the default kernel, then the second kernel's;
+# then the boot lanes, the second kernel's power cuts last in the second lane.
+test: lab
+	@unit=0; kern=0; kern2=0; boots=0; udev=0; power=0; update=0; power2=0; \
+	$(VPY) -m pytest tests/unit $(PYTEST_ARGS) || unit=$$?; \
+	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS) || kern=$$?; \
+	$(SECOND) $(VPY) -m tests.lab kernel-tests --shards 2 $(LAB_ARGS) -- $(SECOND_KERNEL_TESTS) \
+	  $(KERNEL_TEST_ARGS) || kern2=$$?; \
+	$(call boot_lanes,$(SECOND) $(POWER_CUT_TESTS) || power2=$$?;) \
+	if [ $$unit != 0 ] || [ $$kern != 0 ] || [ $$kern2 != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ] \
+	   || [ $$power != 0 ] || [ $$update != 0 ] || [ $$power2 != 0 ]; then \
 	  echo "make test: FAILED (unit tests exit $$unit, kernel tests exit $$kern," \
+	    "$(SECOND_KERNEL) kernel tests exit $$kern2, lab self-test exit $$boots," \
+	    "udev tests exit $$udev, power-cut tests exit $$power, update-lifecycle tests exit $$update," \
+	    "$(SECOND_KERNEL) power-cut tests exit $$power2)"; exit 1; \
+	fi
+
+# Every real-kernel part of `make test` on one kernel ($FIESNAP_LAB_KERNEL, else the default).
+lab-tests: lab
+	@kern=0; boots=0; udev=0; power=0; update=0; \
+	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS) || kern=$$?; \
+	$(call boot_lanes,) \
+	if [ $$kern != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ] || [ $$power != 0 ] || [ $$update != 0 ]; then \
+	  echo "make lab-tests (kernel $${FIESNAP_LAB_KERNEL:-linux-image-amd64}): FAILED (kernel tests exit $$kern," \
 	    "lab self-test exit $$boots, udev tests exit $$udev, power-cut tests exit $$power," \
 	    "update-lifecycle tests exit $$update)"; exit 1; \
 	fi
+
+# The whole real-kernel suite on every kernel in LAB_KERNELS, one kernel after the other.
+test-kernels: lab
+	@rc=0; failed=; \
+	for k in $(LAB_KERNELS); do \
+	  echo "===== make lab-tests on $$k"; \
+	  FIESNAP_LAB_KERNEL=$$k $(MAKE) --no-print-directory lab-tests || { rc=1; failed="$$failed $$k"; }; \
+	done; \
+	if [ $$rc != 0 ]; then echo "make test-kernels: FAILED on$$failed"; exit 1; fi; \
+	echo "make test-kernels: passed on $(LAB_KERNELS)"
 
 # Benchmarks report numbers, they do not pass or fail on speed (a run fails only if a script did).
 # Benchmark peers, only for `make bench` (never used by fiesnap itself): LVM's snapshot merge

@@ -1,7 +1,7 @@
 """VM lab command line.
 
-  python -m tests.lab kernel [--refresh]
-      fetch/unpack the Debian kernel into .lab/kernel (idempotent) and print it.
+  python -m tests.lab kernel [--kernel PKG] [--refresh]
+      fetch/unpack a Debian kernel package into .lab/kernels/PKG (idempotent) and print it.
   python -m tests.lab kernel-tests [lab options] [pytest args...]
       boot guest(s) that run `pytest tests/kernel` inside; print their output; exit with
       pytest's status (125: a guest never reported one, 124: timed out).
@@ -17,7 +17,10 @@
   python -m tests.lab udev [--refresh]
       fetch/unpack Debian's udev package into .lab/udev (idempotent) and print it.
 
-Lab options: --cpus N  --memory 1G  --disks N  --disk-size 512M  --timeout SECONDS
+Lab options: --kernel PKG (the Debian kernel package to boot: a meta package such as
+             linux-image-6.12-amd64 or a versioned one; default $FIESNAP_LAB_KERNEL, else
+             linux-image-amd64, the distribution's kernel)
+             --cpus N  --memory 1G  --disks N  --disk-size 512M  --timeout SECONDS
              --keep-disks (keep the scratch images after a passing run too)
              --udev (run systemd-udevd in the guest; the script sees FIESNAP_LAB_UDEV=1)
 kernel-tests only: --shards N (guests in parallel; default 2 for the whole suite, 1 when
@@ -25,8 +28,10 @@ pytest arguments are given), --allow-no-pass.  boots only: --boots N (default 2)
 Results: .lab/runs/<time>-<pid>-<run>/results/ (output.log, junit.xml, dmesg.log, status)
 and .../console.log (kernel console + wrapper messages); boots: .../boot-<k>/results/ and
 .../boot-<k>/console.log, .../carry/, the disk images in .../; .lab/runs/<run> links to the
-newest (<run> = kernel-tests, kernel-tests-1of2, script-<name>, boots-<name>). The newest 8
-runs are kept.
+newest (<run> = kernel-tests, kernel-tests-1of2, script-<name>, boots-<name>; with -<series>
+after the name, e.g. kernel-tests-6.12-1of2, for a kernel other than the default). The newest
+12 runs are kept. Every guest reports its kernel release and dm target versions
+(results/kernel.txt, and one line on the host).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from . import LAB_DIR, REPO
-from .kernel import KernelError, ensure_kernel
+from .kernel import META_PACKAGE, KernelError, KernelImage, ensure_kernel
 from .udev import UdevTools, ensure_udev
 from .vm import LAB_POWEROFF, DiskSpec, GuestResult, LabError, parse_size, run_guest
 
@@ -65,6 +70,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _add_lab_options(p: argparse.ArgumentParser, *, disks: int, timeout: int) -> None:
+    p.add_argument("--kernel", metavar="PKG", default=None,
+                   help="Debian kernel package to boot (default: $FIESNAP_LAB_KERNEL, else "
+                        f"{META_PACKAGE}); cached in .lab/kernels/PKG")
     p.add_argument("--cpus", type=int, default=_env_int("FIESNAP_LAB_CPUS", 1),
                    help="vCPUs per guest (default 1; 2 is no faster under TCG)")
     p.add_argument("--memory", default=os.environ.get("FIESNAP_LAB_MEMORY", "1G"))
@@ -80,11 +88,31 @@ def _add_lab_options(p: argparse.ArgumentParser, *, disks: int, timeout: int) ->
                         ".lab/udev); the script sees FIESNAP_LAB_UDEV=1")
 
 
+def _kernel(args: argparse.Namespace) -> KernelImage:
+    return ensure_kernel(LAB_DIR, getattr(args, "kernel", None))
+
+
+def _kernel_tag(k: KernelImage) -> str:
+    """'' for the default kernel, else '-<series>': runs on two kernels keep apart."""
+    return "" if k.requested == META_PACKAGE else f"-{k.series}"
+
+
+def _report_kernel(results_dir: Path, tag: str = "guest") -> None:
+    """One line with the kernel release and dm target versions the guest ran with."""
+    try:
+        lines = (results_dir / "kernel.txt").read_text().split("\n")
+    except OSError:
+        return
+    release = lines[0].strip() if lines else "?"
+    targets = ", ".join(" ".join(x.split()) for x in lines[1:] if x.strip())
+    _log(f"{tag}: kernel {release}; dm targets: {targets or '?'}")
+
+
 def _udev(args: argparse.Namespace) -> UdevTools | None:
     return ensure_udev(LAB_DIR / "udev") if getattr(args, "udev", False) else None
 
 
-KEEP_RUNS = 8
+KEEP_RUNS = 12
 _held_locks: list = []  # open lock files of this process's runs (released at exit)
 
 
@@ -203,8 +231,9 @@ def _junit_counts(path: Path) -> dict[str, float] | None:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
-    k = ensure_kernel(LAB_DIR / "kernel", refresh=args.refresh)
-    print(f"kernel {k.version} ({k.package})\n  vmlinuz: {k.vmlinuz}\n  modules: {k.modules_dir}")
+    k = ensure_kernel(LAB_DIR, args.kernel, refresh=args.refresh)
+    print(f"kernel {k.version} ({k.package}, for {k.requested})\n  vmlinuz: {k.vmlinuz}\n"
+          f"  modules: {k.modules_dir}")
     return 0
 
 
@@ -224,9 +253,9 @@ def cmd_udev(args: argparse.Namespace) -> int:
 
 def cmd_script(args: argparse.Namespace) -> int:
     script = Path(args.script).resolve()
-    k = ensure_kernel(LAB_DIR / "kernel")
+    k = _kernel(args)
     udev = _udev(args)
-    name = _script_name("script-", script)
+    name = _script_name("script-", script) + _kernel_tag(k)
     run = _fresh_run_dir(name)
     size = parse_size(args.disk_size)
     disks = [DiskSpec(run / f"disk{i}.img", size) for i in range(args.disks)]
@@ -238,6 +267,7 @@ def cmd_script(args: argparse.Namespace) -> int:
                   timeout_s=args.timeout, args=extra, kernel=k, console_log=run / "console.log",
                   stream=sys.stdout, on_start=lambda s: _log(f"guest up after {s:.1f}s"), udev=udev)
     boot = f"{r.boot_s:.1f}s" if r.boot_s is not None else "?"
+    _report_kernel(r.results_dir)
     _log(f"guest done in {r.elapsed:.1f}s (boot {boot}); results in {r.results_dir}")
     if r.killed_after_status:
         _log("qemu did not exit after the guest wrote its status: killed (see console.log)")
@@ -273,10 +303,10 @@ def cmd_boots(args: argparse.Namespace) -> int:
     script = Path(args.script).resolve()
     if not script.is_file():
         raise LabError(f"no such script: {script}")
-    k = ensure_kernel(LAB_DIR / "kernel")
+    k = _kernel(args)
     udev = _udev(args)
     n = args.boots
-    run = _fresh_run_dir(_script_name("boots-", script), results=False)
+    run = _fresh_run_dir(_script_name("boots-", script) + _kernel_tag(k), results=False)
     carry = run / "carry"
     carry.mkdir()
     size = parse_size(args.disk_size)
@@ -298,6 +328,8 @@ def cmd_boots(args: argparse.Namespace) -> int:
                       on_start=lambda s, i=i: _log(f"boot {i}/{n}: guest up after {s:.1f}s"))
         stream.close()
         results[i - 1] = r
+        if i == 1:
+            _report_kernel(r.results_dir, f"boot 1/{n}")
         _log(_boot_line(i, n, r))
         if r.exit_status is None:
             _report_failure(r, f"boot {i}/{n}")
@@ -320,7 +352,7 @@ def cmd_boots(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
-    k = ensure_kernel(LAB_DIR / "kernel")
+    k = _kernel(args)
     udev = _udev(args)
     shards = args.shards if args.shards > 0 else (1 if pytest_args else 2)
     size = parse_size(args.disk_size)
@@ -330,7 +362,7 @@ def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
     streams = [_Prefixed(f"[{i + 1}/{shards}] ") for i in range(shards)]
     runs = []
     for i in range(shards):
-        name = "kernel-tests" if shards == 1 else f"kernel-tests-{i + 1}of{shards}"
+        name = "kernel-tests" + _kernel_tag(k) + ("" if shards == 1 else f"-{i + 1}of{shards}")
         runs.append(_fresh_run_dir(name))
     _log(f"booting {shards} guest(s) with {k.version} ({args.cpus} vCPU, {args.memory}, "
          f"{args.disks} x {args.disk_size} disks each{', udev' if udev else ''}): pytest {' '.join(pytest_args) or 'tests/kernel'}")
@@ -387,6 +419,9 @@ def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
 
     for line in lines:
         _log(line)
+    reported = [r for r in results if isinstance(r, GuestResult)]
+    if reported:
+        _report_kernel(reported[0].results_dir, "kernel tests")
     failed = [s for s in statuses if s not in (0, 5)]
     if failed:
         rc = failed[0]
@@ -412,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="cmd", required=True)
     pk = sub.add_parser("kernel", help="fetch/unpack the lab kernel", allow_abbrev=False)
-    pk.add_argument("--refresh", action="store_true", help="re-resolve linux-image-amd64 even if cached")
+    pk.add_argument("--kernel", metavar="PKG", default=None,
+                    help=f"Debian kernel package (default: $FIESNAP_LAB_KERNEL, else {META_PACKAGE})")
+    pk.add_argument("--refresh", action="store_true",
+                    help="re-resolve a meta package (and fetch what it names now) even if cached")
     pt = sub.add_parser("kernel-tests", help="run pytest tests/kernel in the lab",
                         allow_abbrev=False)
     _add_lab_options(pt, disks=4, timeout=_env_int("FIESNAP_LAB_KTEST_TIMEOUT", 3000))

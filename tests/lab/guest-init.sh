@@ -129,6 +129,9 @@ for m in $FIESNAP_LAB_MODULES; do
         finish 125
     fi
 done
+# Which kernel and dm targets this run had (the host prints them): the release, then one
+# "name vX.Y.Z" line per loaded target.
+{ uname -r; dmsetup targets 2>&1; } >"$RW/kernel.txt"
 
 # Scratch disks: virtio-blk with serial fiesnap-lab-<i>, whatever vdX name they got.
 disks=()

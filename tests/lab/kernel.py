@@ -2,7 +2,14 @@
 
 Nothing is installed on the host: the .deb is fetched with ``apt-get download``,
 unpacked with ``dpkg -x`` into ``<cache>/root`` and indexed with ``depmod -b``.
-The result is cached; later calls only check that the files are still there.
+Each kernel package asked for gets its own cache folder (``kernels/<package>``
+under the lab folder), so runs on different kernels share nothing and can run
+side by side. The result is cached; later calls only check that the files are
+still there.
+
+A package is named the way apt names it: a meta package that follows a series
+(``linux-image-amd64`` = the distribution's kernel, ``linux-image-6.12-amd64``)
+or a versioned image (``linux-image-6.12.117+deb12-amd64``).
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 META_PACKAGE = "linux-image-amd64"
+#: The second kernel series every landing is tested on (Debian 12's backported 6.12).
+SECOND_PACKAGE = "linux-image-6.12-amd64"
 STAMP = "kernel.json"
+_PACKAGE_NAME = re.compile(r"linux-image-[a-z0-9][a-z0-9.+~-]*")
 
 
 class KernelError(RuntimeError):
@@ -31,6 +41,13 @@ class KernelImage:
     modules_root: Path  # <cache>/root  (modules in <root>/lib/modules/<version>)
     version: str  # e.g. 6.1.0-56-amd64
     package: str = ""  # e.g. linux-image-6.1.0-56-amd64
+    requested: str = META_PACKAGE  # what was asked for, e.g. linux-image-amd64
+
+    @property
+    def series(self) -> str:
+        """Major.minor of the version ("6.12"), for run names and reports."""
+        m = re.match(r"(\d+)\.(\d+)", self.version)
+        return f"{m.group(1)}.{m.group(2)}" if m else self.version
 
     @property
     def modules_dir(self) -> Path:
@@ -64,21 +81,35 @@ def _apt_update() -> None:
         raise KernelError(f"apt-get update failed:\n{p.stdout}{p.stderr}")
 
 
+def check_package_name(name: str) -> str:
+    """A kernel image package name, or KernelError (it becomes a folder name and an apt argument)."""
+    if not _PACKAGE_NAME.fullmatch(name) or ".." in name:
+        raise KernelError(f"{name!r} is not a kernel image package name "
+                          "(e.g. linux-image-amd64, linux-image-6.12-amd64, linux-image-6.1.0-57-amd64)")
+    return name
+
+
 def resolve_package(meta: str = META_PACKAGE, *, allow_update: bool = True) -> str:
-    """The versioned kernel package the meta package currently depends on."""
+    """The versioned kernel package behind ``meta``: what a meta package depends on, else itself.
+
+    A meta package (``linux-image-amd64``, ``linux-image-6.12-amd64``) depends on one
+    versioned ``linux-image-*`` package; a versioned image depends on none.
+    """
     for attempt in (0, 1):
         p = _run(["apt-cache", "depends", meta])
         names = re.findall(r"^\s*Depends:\s*(linux-image-\S+)", p.stdout, re.M)
         names = [n for n in names if not n.startswith("<")]
         if p.returncode == 0 and names:
             return names[0]
+        if p.returncode == 0 and p.stdout.strip().splitlines()[:1] == [meta]:
+            return meta
         if attempt == 0 and allow_update:
             _apt_update()
             continue
         raise KernelError(
-            f"`apt-cache depends {meta}` named no kernel package "
-            f"(exit {p.returncode}): {p.stderr.strip() or p.stdout.strip()}; "
-            "is this a Debian amd64 host with apt sources for main?"
+            f"apt knows no package {meta} "
+            f"(`apt-cache depends` exit {p.returncode}: {p.stderr.strip() or p.stdout.strip()}); "
+            "list the kernels it has with `apt-cache search --names-only '^linux-image-'`"
         )
     raise AssertionError("unreachable")
 
@@ -120,30 +151,37 @@ def _read_stamp(cache_dir: Path) -> KernelImage | None:
     except (OSError, ValueError):
         return None
     root = cache_dir / "root"
-    k = KernelImage(root / "boot" / f"vmlinuz-{meta['version']}", root, meta["version"], meta.get("package", ""))
+    k = KernelImage(root / "boot" / f"vmlinuz-{meta['version']}", root, meta["version"],
+                    meta.get("package", ""), meta.get("requested", META_PACKAGE))
     if k.vmlinuz.is_file() and (k.modules_dir / "modules.dep").is_file():
         return k
     return None
 
 
-def ensure_kernel(cache_dir: str | os.PathLike, *, package: str | None = None, refresh: bool = False) -> KernelImage:
-    """Return the cached lab kernel, fetching and unpacking it first if needed.
+def requested_package(package: str | None = None) -> str:
+    """The kernel package a lab run uses: ``package``, else $FIESNAP_LAB_KERNEL, else the default."""
+    return check_package_name(package or os.environ.get("FIESNAP_LAB_KERNEL") or META_PACKAGE)
 
-    ``package`` pins a versioned package (also via $FIESNAP_LAB_KERNEL_PACKAGE);
-    by default the one ``linux-image-amd64`` depends on is used. ``refresh``
-    re-resolves the package name even when a kernel is cached.
+
+def ensure_kernel(lab_dir: str | os.PathLike, package: str | None = None, *, refresh: bool = False) -> KernelImage:
+    """Return the cached lab kernel for ``package``, fetching and unpacking it first if needed.
+
+    ``package`` (else $FIESNAP_LAB_KERNEL, else ``linux-image-amd64``) is a meta
+    package, resolved once to the versioned package it depends on, or a versioned
+    package. Its cache is ``<lab_dir>/kernels/<package>``. ``refresh`` re-resolves
+    a meta package even when a kernel is cached (the archive moved on).
     Safe to call concurrently (a lock file serialises the work).
     """
-    cache_dir = Path(cache_dir).resolve()
+    requested = requested_package(package)
+    cache_dir = Path(lab_dir).resolve() / "kernels" / requested
     cache_dir.mkdir(parents=True, exist_ok=True)
-    package = package or os.environ.get("FIESNAP_LAB_KERNEL_PACKAGE") or None
     with open(cache_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cached = _read_stamp(cache_dir)
-        if cached and not refresh and (package is None or package == cached.package):
+        if cached and not refresh:
             return cached
         _need_tools()
-        pkg = package or resolve_package()
+        pkg = resolve_package(requested)
         if cached and cached.package == pkg:
             return cached
         deb = _download(pkg, cache_dir / "debs")
@@ -166,7 +204,8 @@ def ensure_kernel(cache_dir: str | os.PathLike, *, package: str | None = None, r
             raise KernelError(f"depmod -b {tmp} {version} failed:\n{p.stderr}")
         shutil.rmtree(root, ignore_errors=True)
         os.replace(tmp, root)
-        (cache_dir / STAMP).write_text(json.dumps({"package": pkg, "version": version, "deb": deb.name}) + "\n")
+        (cache_dir / STAMP).write_text(json.dumps({"requested": requested, "package": pkg, "version": version,
+                                                   "deb": deb.name}) + "\n")
         # Keep only the deb in use.
         for old in (cache_dir / "debs").glob("*.deb"):
             if old != deb:

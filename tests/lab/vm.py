@@ -227,7 +227,7 @@ def run_guest(
         raise LabError(f"vng not found in {venv_dir}/bin or PATH: run `make lab` (pip install -e '.[test]')")
     if shutil.which("qemu-system-x86_64") is None:
         raise LabError("qemu-system-x86_64 not found: run `make lab` (apt-get install qemu-system-x86)")
-    kernel = kernel or ensure_kernel(LAB_DIR / "kernel")
+    kernel = kernel or ensure_kernel(LAB_DIR)
 
     _check_path(rw, "results folder")
     _check_path(REPO, "repository")
