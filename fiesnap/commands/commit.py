@@ -112,11 +112,13 @@ def _commit_locked(dm, record: CheckpointRecord, state: StateStore, log: Log) ->
 
     verify_device(record)
     record = record.with_phase("committing")
-    state.save(record)
+    # The record says committing before the origin stops saving overwrites (a rollback
+    # after that would be wrong), and, on a mounted filesystem, only once the freeze for
+    # the switch holds: a filesystem another tool froze is refused with the record as it was.
     if record.managed:
         return _commit_managed(dm, record, state, log)
     if mounted:
-        reload_as_passthrough(dm, record)
+        reload_as_passthrough(dm, record, on_switch=lambda: state.save(record))
         log(f"/dev/mapper/{name} is now a plain pass-through; still mounted on {mounted[0]}")
         remove_if_present(dm, names.snap)
         remove_if_present(dm, names.cow)
@@ -127,6 +129,7 @@ def _commit_locked(dm, record: CheckpointRecord, state: StateStore, log: Log) ->
         raise DeviceError(
             f"/dev/mapper/{name} is open by another program: close it and run commit again"
         )
+    state.save(record)
     remove_if_present(dm, names.origin)
     remove_if_present(dm, names.snap)
     remove_if_present(dm, names.cow)
@@ -140,11 +143,14 @@ def _commit_managed(dm, record: CheckpointRecord, state: StateStore, log: Log) -
     """Back to the pass-through, mounted or not; the record stays for the next checkpoint."""
     names = StackNames.for_name(record.name)
     if dm.info(names.origin) is None:
+        state.save(record)
         remove_if_present(dm, names.snap)
         remove_if_present(dm, names.cow)
         create_passthrough(dm, record)
     elif dm.table(names.origin) != passthrough_targets(record):
-        reload_as_passthrough(dm, record)
+        reload_as_passthrough(dm, record, on_switch=lambda: state.save(record))
+    else:
+        state.save(record)
     log(f"/dev/mapper/{record.name} is a plain pass-through again")
     remove_if_present(dm, names.snap)
     remove_if_present(dm, names.cow)

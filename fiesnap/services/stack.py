@@ -22,12 +22,13 @@ Any failure removes every device this call created, newest first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 from fiesnap.errors import DeviceError, DeviceMapperError, FiesnapError, FilesystemError, RefusedError
-from fiesnap.kernel import blockdev
+from fiesnap.kernel import blockdev, freeze
 from fiesnap.kernel.directio import AlignedBuffer, DirectDevice, write_chunks, zero_range
 from fiesnap.kernel.libdm import UDEV_FLAGS_PRIVATE_LAYER, UDEV_LOW_PRIORITY
 from fiesnap.model.dmtable import DmTarget, linear, snapshot, snapshot_origin
@@ -411,16 +412,42 @@ def _grows_into(live: list[DmTarget], recorded: list[DmTarget]) -> bool:
     return (a.start, a.target_type, a.params) == (b.start, b.target_type, b.params) and a.length <= b.length
 
 
-def reload_as_passthrough(dm, record: CheckpointRecord) -> None:
+def reload_as_passthrough(dm, record: CheckpointRecord, *, on_switch: Callable[[], object] = lambda: None,
+                          window: Callable[[str], ContextManager] = freeze.frozen) -> None:
     """Turn a live origin into a plain linear device without unmounting: load, suspend, resume.
 
-    The suspend freezes a mounted filesystem (lockfs), so no write is in flight
-    when the origin stops copying to the store.
+    No write may be in flight as the origin stops saving overwrites. A filesystem mounted
+    here is frozen by `window` (FIFREEZE), NAME suspended without lockfs: lockfs fails
+    with EBUSY on a filesystem another tool froze before Linux 6.8 and nests from 6.8 on
+    (the commit then hung deleting the store file); FIFREEZE refuses it on every kernel,
+    before `on_switch` and any change. Not mounted here: lockfs. A failed suspend or
+    resume leaves NAME on its old table (an inactive one would go live at the next resume).
     """
-    name = record.name
-    dm.load(name, passthrough_targets(record))
-    dm.suspend(name, lockfs=True)
-    dm.resume(name)
+    name, info, owed = record.name, dm.info(record.name), []
+    mounts = blockdev.mounts_of(info.major, info.minor) if info is not None else []
+    with window(mounts[0]) if mounts else contextlib.nullcontext():
+        on_switch()
+        dm.load(name, passthrough_targets(record))
+        try:
+            dm.suspend(name, lockfs=not mounts)
+            owed.append(dm.resume_frozen(name))
+        except BaseException as e:
+            _undo_reload(dm, name, e)
+            raise
+    _finish_udev(owed)
+
+
+def _undo_reload(dm, name: str, failure: BaseException) -> None:
+    """After a failed reload: the loaded table dropped, NAME resumed on its live one."""
+    try:
+        info = dm.info(name)
+        if info is not None and info.inactive_table:
+            dm.clear(name)
+        if info is not None and info.suspended:
+            dm.resume_frozen(name)  # the filesystem may still be frozen: no udev wait
+    except BaseException as e2:
+        failure.add_note(f"resuming /dev/mapper/{name} on its table failed too: {e2}; check "
+                         f"'dmsetup info {name}' (no inactive table), 'dmsetup resume {name}'")
 
 
 def snapshot_store_type(dm) -> str:

@@ -273,3 +273,38 @@ def test_a_merge_refused_before_its_first_write_leaves_a_checkpoint_that_can_be_
     assert lab.status("cp")["state"] == "active"
     lab.fiesnap("merge", "cp", "--keep-store")
     assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) == []
+
+
+def test_commit_refuses_a_filesystem_another_tool_froze(lab):
+    """A mounted checkpoint whose filesystem another tool froze (fsfreeze, a backup agent) is
+    refused alike on every kernel, with nothing changed. dm's own freeze (a lockfs suspend)
+    fails with EBUSY before 6.8 and nests in the other freeze from 6.8 on (bdev_freeze with
+    FREEZE_MAY_NEST): there the switch went ahead and the commit then waited forever to
+    delete the store file on the still-frozen filesystem; before, the failed suspend left the
+    pass-through table loaded, inactive, for the next resume to swap in."""
+    sc.prepare(lab, "ext4-4k", size="32M")
+    lab.mount("/dev/mapper/cp")
+    sc.churn(lab.mnt)
+    table = sh("dmsetup", "table", "cp").stdout
+    sh("fsfreeze", "--freeze", lab.mnt)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "fiesnap", "commit", "cp"], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "FIESNAP_STATE_DIR": str(lab.state)})
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            sh("fsfreeze", "--unfreeze", lab.mnt, check=False)
+            p.communicate()
+            pytest.fail("commit waited on the filesystem another tool froze")
+        info = sh("dmsetup", "info", "cp").stdout
+        assert p.returncode == 5, err
+        assert len(err.strip().splitlines()) == 1 and "already frozen" in err and "fsfreeze -u" in err, err
+        assert sh("dmsetup", "table", "cp").stdout == table
+        assert "Tables present:    LIVE\n" in info, info  # no pass-through table left loaded
+        assert lab.status("cp")["state"] == "active"
+    finally:
+        sh("fsfreeze", "--unfreeze", lab.mnt, check=False)
+    lab.fiesnap("commit", "cp")  # thawed: the commit goes through
+    assert sh("dmsetup", "table", "cp").stdout.split()[2] == "linear"
+    lab.umount()

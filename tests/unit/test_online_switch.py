@@ -420,3 +420,66 @@ def test_create_passthrough_one_linear_over_the_whole_device():
     assert made["targets"] == stack.passthrough_targets(r)
     assert not made["read_only"]
     assert made["udev_flags"] == 0  # users mount it: udev must see it
+
+
+# --------------------------------------------------------------------------
+# reload_as_passthrough (commit, and the end of an instant rollback)
+# --------------------------------------------------------------------------
+
+
+def _reload(monkeypatch, fail: str | None = None, *, mounted: bool = True):
+    """A live checkpoint (NAME on snapshot-origin), mounted here or not, switched back."""
+    events: list = []
+    dm = FakeDM(events, fail if fail != "enter" else None)
+    record = _record()
+    dm.live["cp"] = stack.origin_targets(record)
+    monkeypatch.setattr(stack.blockdev, "mounts_of",
+                        lambda ma, mi: ["/mnt/data"] if mounted and (ma, mi) == (253, 7) else [])
+    frozen_at = []
+    window = _window(events, dm, fail_enter=fail == "enter")
+
+    def freeze_at(mountpoint):
+        frozen_at.append(mountpoint)
+        return window()
+
+    return events, dm, record, frozen_at, lambda: stack.reload_as_passthrough(
+        dm, record, window=freeze_at, on_switch=lambda: events.append(("on_switch",)))
+
+
+def test_reload_of_a_mounted_origin_freezes_it_itself_and_suspends_without_lockfs(monkeypatch):
+    events, dm, record, frozen_at, run = _reload(monkeypatch)
+    run()
+    assert frozen_at == ["/mnt/data"]
+    assert _kinds(events) == ["enter", "on_switch", "load", "suspend", "resume", "exit", "udev"]
+    assert ("suspend", "cp", False) in events  # no second freeze: lockfs would nest or fail
+    assert dm.live["cp"] == stack.passthrough_targets(record) and not dm.suspended and not dm.inactive
+
+
+def test_reload_of_an_origin_not_mounted_here_uses_lockfs(monkeypatch):
+    events, dm, record, frozen_at, run = _reload(monkeypatch, mounted=False)
+    run()
+    assert frozen_at == []
+    assert _kinds(events) == ["on_switch", "load", "suspend", "resume", "udev"]
+    assert ("suspend", "cp", True) in events
+    assert dm.live["cp"] == stack.passthrough_targets(record)
+
+
+def test_reload_refused_by_the_freeze_changes_nothing(monkeypatch):
+    """Another tool froze the filesystem: FIFREEZE says so before any table is loaded
+    (and before the commit's record says committing)."""
+    events, dm, record, _, run = _reload(monkeypatch, "enter")
+    with pytest.raises(FilesystemError, match="cannot freeze"):
+        run()
+    assert _kinds(events) == ["enter"]
+    assert dm.live["cp"] == stack.origin_targets(record) and not dm.inactive and not dm.suspended
+
+
+@pytest.mark.parametrize("fail", ["suspend", "resume"])
+def test_a_failed_reload_leaves_the_origin_live_with_no_table_waiting(monkeypatch, fail):
+    events, dm, record, _, run = _reload(monkeypatch, fail)
+    with pytest.raises(Injected):
+        run()
+    assert dm.live["cp"] == stack.origin_targets(record)  # still saving every overwrite
+    assert not dm.inactive, "a pass-through left inactive would go live at the next resume"
+    assert not dm.suspended
+    assert events[-1] == ("exit", "running")  # resumed before the thaw
