@@ -56,7 +56,7 @@ LAB_KERNELS ?= linux-image-amd64 $(SECOND_KERNEL)
 # What every landing also runs on the second kernel: rollback (start, merge, commit, the
 # dm-snapshot traps), online start and switch, bad input, the dm layer; the power cuts below.
 SECOND_KERNEL_TESTS := tests/kernel/test_checkpoint.py tests/kernel/test_online.py \
-	tests/kernel/test_bad_input.py tests/kernel/test_dm.py
+	tests/kernel/test_bad_input.py tests/kernel/test_dm.py tests/kernel/test_kernel_versions.py
 SECOND := env FIESNAP_LAB_KERNEL=$(SECOND_KERNEL)
 
 # The lab's own checks: power cut between two boots on the same disk; udev in a guest.

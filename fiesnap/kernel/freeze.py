@@ -91,3 +91,13 @@ def frozen(mountpoint: str) -> Iterator[None]:
             os.close(fd)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def refuse_frozen(mountpoint: str) -> None:
+    """Raise FilesystemError if another tool holds `mountpoint`'s filesystem frozen.
+
+    Nothing says whether a filesystem is frozen but a freeze of one's own: FIFREEZE
+    refuses a frozen filesystem with EBUSY on every kernel, and is thawed at once.
+    """
+    with frozen(mountpoint):
+        pass

@@ -22,7 +22,6 @@ Any failure removes every device this call created, newest first.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, ContextManager
@@ -413,28 +412,29 @@ def _grows_into(live: list[DmTarget], recorded: list[DmTarget]) -> bool:
 
 
 def reload_as_passthrough(dm, record: CheckpointRecord, *, on_switch: Callable[[], object] = lambda: None,
-                          window: Callable[[str], ContextManager] = freeze.frozen) -> None:
+                          refuse_frozen: Callable[[str], None] = freeze.refuse_frozen) -> None:
     """Turn a live origin into a plain linear device without unmounting: load, suspend, resume.
 
-    No write may be in flight as the origin stops saving overwrites. A filesystem mounted
-    here is frozen by `window` (FIFREEZE), NAME suspended without lockfs: lockfs fails
-    with EBUSY on a filesystem another tool froze before Linux 6.8 and nests from 6.8 on
-    (the commit then hung deleting the store file); FIFREEZE refuses it on every kernel,
-    before `on_switch` and any change. Not mounted here: lockfs. A failed suspend or
-    resume leaves NAME on its old table (an inactive one would go live at the next resume).
+    The lockfs suspend freezes a mounted filesystem, so no write is in flight as the
+    origin stops saving overwrites (and a resume, anyone's, thaws it). On a filesystem
+    another tool froze it fails with EBUSY before Linux 6.8 and nests from 6.8 on (the
+    switch went ahead; deleting the store file then waited forever), so a filesystem
+    mounted here goes through `refuse_frozen` first (FIFREEZE refuses a frozen one on
+    every kernel), before `on_switch` and any change. A failed suspend or resume
+    leaves NAME on its old table (an inactive one would go live at the next resume).
     """
-    name, info, owed = record.name, dm.info(record.name), []
+    name, info = record.name, dm.info(record.name)
     mounts = blockdev.mounts_of(info.major, info.minor) if info is not None else []
-    with window(mounts[0]) if mounts else contextlib.nullcontext():
-        on_switch()
-        dm.load(name, passthrough_targets(record))
-        try:
-            dm.suspend(name, lockfs=not mounts)
-            owed.append(dm.resume_frozen(name))
-        except BaseException as e:
-            _undo_reload(dm, name, e)
-            raise
-    _finish_udev(owed)
+    if mounts:
+        refuse_frozen(mounts[0])
+    on_switch()
+    dm.load(name, passthrough_targets(record))
+    try:
+        dm.suspend(name, lockfs=True)
+        dm.resume(name)
+    except BaseException as e:
+        _undo_reload(dm, name, e)
+        raise
 
 
 def _undo_reload(dm, name: str, failure: BaseException) -> None:
@@ -444,7 +444,7 @@ def _undo_reload(dm, name: str, failure: BaseException) -> None:
         if info is not None and info.inactive_table:
             dm.clear(name)
         if info is not None and info.suspended:
-            dm.resume_frozen(name)  # the filesystem may still be frozen: no udev wait
+            dm.resume(name)  # also thaws what the lockfs suspend froze
     except BaseException as e2:
         failure.add_note(f"resuming /dev/mapper/{name} on its table failed too: {e2}; check "
                          f"'dmsetup info {name}' (no inactive table), 'dmsetup resume {name}'")

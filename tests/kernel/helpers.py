@@ -195,6 +195,14 @@ def differing_mib(a: Sequence[str], b: Sequence[str]) -> list[int]:
 # --------------------------------------------------------------------------- filesystems
 
 
+def kernel_series() -> tuple[int, int]:
+    """(major, minor) of the running kernel, for tests that pin what a kernel series does."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    if not m:
+        raise AssertionError(f"cannot read the kernel version from {os.uname().release!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def make_fs(dev: str, kind: str, *, label: str | None = None, extra: Sequence[str] = ()) -> None:
     """mkfs for kind in ext4-4k, ext4-1k, xfs. Deterministic: no lazy init, no discard."""
     lbl = ["-L", label] if label else []

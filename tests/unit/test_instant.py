@@ -58,16 +58,6 @@ class Kernel:
         self.events.append(("resume", name))
         self.dev[name] = self._inactive
 
-    def resume_frozen(self, name, **kw):
-        """A resume whose udev confirmation is awaited later (finish)."""
-        self.resume(name)
-        return _Confirmed()
-
-
-class _Confirmed:
-    def finish(self):
-        return None
-
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
