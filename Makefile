@@ -5,8 +5,9 @@
 #                two-boot self-test, the udev tests (a guest running udevd), the
 #                power-cut tests (three boots, then two of an instant rollback) and the
 #                five-boot update-lifecycle tests on Debian's kernel (linux-image-amd64, 6.1);
-#                on the second kernel series (SECOND_KERNEL, 6.12) the rollback, online and
-#                bad-input tests and the power-cut boots
+#                on the second kernel series (SECOND_KERNEL, 6.12) the kernel tests marked
+#                every_kernel (rollback, online, bad input, dm, kernel differences) and the
+#                power-cut boots; in two lanes of guests (~35 min on two cores)
 #   make test-kernels   everything real-kernel in `make test` on each of LAB_KERNELS (both
 #                series) in turn, the whole suite on each (~30 min per kernel); not part of
 #                `make test`
@@ -53,10 +54,10 @@ KERNEL_TEST_ARGS ?=
 # kernel is the default; the second series is the newest Debian 12 backports kernel.
 SECOND_KERNEL ?= linux-image-6.12-amd64
 LAB_KERNELS ?= linux-image-amd64 $(SECOND_KERNEL)
-# What every landing also runs on the second kernel: rollback (start, merge, commit, the
-# dm-snapshot traps), online start and switch, bad input, the dm layer; the power cuts below.
-SECOND_KERNEL_TESTS := tests/kernel/test_checkpoint.py tests/kernel/test_online.py \
-	tests/kernel/test_bad_input.py tests/kernel/test_dm.py tests/kernel/test_kernel_versions.py
+# What every landing also runs on the second kernel: the tests marked every_kernel (rollback
+# and the dm-snapshot traps, online start and commit, bad input, the dm layer, the kernel
+# differences), and the power-cut boots.
+SECOND_KERNEL_TESTS := -m every_kernel
 SECOND := env FIESNAP_LAB_KERNEL=$(SECOND_KERNEL)
 
 # The lab's own checks: power cut between two boots on the same disk; udev in a guest.
@@ -137,50 +138,63 @@ instant-boot-tests: lab
 crash-replay: lab
 	$(CRASH_REPLAY)
 
-# $(call boot_lanes,MORE): the boot tests in two lanes, setting the shell variables power, boots,
-# udev and update to their exit statuses: the power-cut tests (three boots, then the instant
-# rollback's two) in one lane; the lab's two-boot self-test, the udev guest, the
-# update-lifecycle boots and then MORE (shell commands ending in ';') in the other. The first
-# lane's output comes last.
-define boot_lanes
-	log=$$(mktemp); \
-	{ $(POWER_CUT_TESTS) && $(INSTANT_BOOT_TESTS); } >"$$log" 2>&1 & ppid=$$!; \
-	$(LAB_SELFTEST) || boots=$$?; \
-	$(UDEV_TESTS) || udev=$$?; \
-	$(UPDATE_BOOT_TESTS) || update=$$?; \
+# The real-kernel parts run in two lanes of lab guests, one guest per lane at a time (TCG keeps
+# a host core busy per guest): each lane is a list of steps, `step NAME COMMAND...;`, that all
+# run whatever the others did. The first lane streams its output; the second lane's is printed
+# after it. Every step's exit status is collected; the target fails if any step failed
+# (pytest's 5, "no tests", too), and lists those.
+KTESTS = $(VPY) -m tests.lab kernel-tests $(LAB_ARGS)
+STEPS = steps=$$(mktemp); step() { local name=$$1; shift; "$$@"; echo "$$? $$name" >>"$$steps"; }
+
+# $(call lanes,FIRST,SECOND): run the steps FIRST and SECOND side by side.
+define lanes
+	lane2=$$(mktemp); \
+	{ $(2) } >"$$lane2" 2>&1 & pid2=$$!; \
 	$(1) \
-	wait $$ppid || power=$$?; \
-	echo "----- power-cut tests: $(POWER_CUT_TESTS), then $(INSTANT_BOOT_TESTS)"; cat "$$log"; rm -f "$$log";
+	wait $$pid2; echo "----- the second lane:"; cat "$$lane2"; rm -f "$$lane2";
 endef
 
-# Every part always runs; the target fails if any did (pytest's 5, "no tests", too).
-# The kernel tests' guests (two at a time) on the default kernel, then the second kernel's;
-# then the boot lanes, the second kernel's power cuts last in the second lane.
+# $(call verdict,TARGET): exit 1 naming every step that failed.
+define verdict
+	failed=$$(awk '$$1 != 0' "$$steps"); rm -f "$$steps"; \
+	if [ -n "$$failed" ]; then echo "make $(1): FAILED:"; echo "$$failed" | sed 's/^/  exit /'; exit 1; fi; \
+	echo "make $(1): every part passed"
+endef
+
+# `make test`: each lane runs one half of the default kernel's kernel tests, then one half of
+# the second kernel's share; then the boot tests, the second kernel's power cuts among them.
+TEST_LANE1 = step "kernel tests, shard 1/2" $(KTESTS) --shard 1/2 -- $(KERNEL_TEST_ARGS); \
+	step "$(SECOND_KERNEL) kernel tests, shard 1/2" $(SECOND) $(KTESTS) --shard 1/2 -- \
+	  $(SECOND_KERNEL_TESTS) $(KERNEL_TEST_ARGS); \
+	step "lab self-test" $(LAB_SELFTEST); \
+	step "udev tests" $(UDEV_TESTS); \
+	step "power-cut tests" $(POWER_CUT_TESTS); \
+	step "instant-rollback power-cut tests" $(INSTANT_BOOT_TESTS);
+TEST_LANE2 = step "kernel tests, shard 2/2" $(KTESTS) --shard 2/2 -- $(KERNEL_TEST_ARGS); \
+	step "$(SECOND_KERNEL) kernel tests, shard 2/2" $(SECOND) $(KTESTS) --shard 2/2 -- \
+	  $(SECOND_KERNEL_TESTS) $(KERNEL_TEST_ARGS); \
+	step "update-lifecycle tests" $(UPDATE_BOOT_TESTS); \
+	step "$(SECOND_KERNEL) power-cut tests" $(SECOND) $(POWER_CUT_TESTS);
+
 test: lab
-	@unit=0; kern=0; kern2=0; boots=0; udev=0; power=0; update=0; power2=0; \
-	$(VPY) -m pytest tests/unit $(PYTEST_ARGS) || unit=$$?; \
-	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS) || kern=$$?; \
-	$(SECOND) $(VPY) -m tests.lab kernel-tests --shards 2 $(LAB_ARGS) -- $(SECOND_KERNEL_TESTS) \
-	  $(KERNEL_TEST_ARGS) || kern2=$$?; \
-	$(call boot_lanes,$(SECOND) $(POWER_CUT_TESTS) || power2=$$?;) \
-	if [ $$unit != 0 ] || [ $$kern != 0 ] || [ $$kern2 != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ] \
-	   || [ $$power != 0 ] || [ $$update != 0 ] || [ $$power2 != 0 ]; then \
-	  echo "make test: FAILED (unit tests exit $$unit, kernel tests exit $$kern," \
-	    "$(SECOND_KERNEL) kernel tests exit $$kern2, lab self-test exit $$boots," \
-	    "udev tests exit $$udev, power-cut tests exit $$power, update-lifecycle tests exit $$update," \
-	    "$(SECOND_KERNEL) power-cut tests exit $$power2)"; exit 1; \
-	fi
+	@$(STEPS); \
+	step "unit tests" $(VPY) -m pytest tests/unit $(PYTEST_ARGS); \
+	$(call lanes,$(TEST_LANE1),$(TEST_LANE2)) \
+	$(call verdict,test)
 
 # Every real-kernel part of `make test` on one kernel ($FIESNAP_LAB_KERNEL, else the default).
+LAB_LANE1 = step "kernel tests, shard 1/2" $(KTESTS) --shard 1/2 -- $(KERNEL_TEST_ARGS); \
+	step "lab self-test" $(LAB_SELFTEST); \
+	step "udev tests" $(UDEV_TESTS); \
+	step "power-cut tests" $(POWER_CUT_TESTS); \
+	step "instant-rollback power-cut tests" $(INSTANT_BOOT_TESTS);
+LAB_LANE2 = step "kernel tests, shard 2/2" $(KTESTS) --shard 2/2 -- $(KERNEL_TEST_ARGS); \
+	step "update-lifecycle tests" $(UPDATE_BOOT_TESTS);
+
 lab-tests: lab
-	@kern=0; boots=0; udev=0; power=0; update=0; \
-	$(VPY) -m tests.lab kernel-tests $(LAB_ARGS) -- $(KERNEL_TEST_ARGS) || kern=$$?; \
-	$(call boot_lanes,) \
-	if [ $$kern != 0 ] || [ $$boots != 0 ] || [ $$udev != 0 ] || [ $$power != 0 ] || [ $$update != 0 ]; then \
-	  echo "make lab-tests (kernel $${FIESNAP_LAB_KERNEL:-linux-image-amd64}): FAILED (kernel tests exit $$kern," \
-	    "lab self-test exit $$boots, udev tests exit $$udev, power-cut tests exit $$power," \
-	    "update-lifecycle tests exit $$update)"; exit 1; \
-	fi
+	@$(STEPS); \
+	$(call lanes,$(LAB_LANE1),$(LAB_LANE2)) \
+	$(call verdict,lab-tests on $${FIESNAP_LAB_KERNEL:-linux-image-amd64})
 
 # The whole real-kernel suite on every kernel in LAB_KERNELS, one kernel after the other.
 test-kernels: lab

@@ -11,6 +11,9 @@ import pytest
 
 from . import scenario as sc
 from .helpers import MiB, device_digest, make_fs, read_direct, sh, write_direct
+
+pytestmark = pytest.mark.every_kernel
+
 USAGE, NOT_ROOT, DEVICE, FILESYSTEM, NAME, REFUSED, STORE_FORMAT = 2, 3, 4, 5, 6, 7, 8
 
 

@@ -31,6 +31,7 @@ from .helpers import (
 )
 
 
+@pytest.mark.every_kernel
 @pytest.mark.parametrize("kind", ["ext4-4k", "ext4-1k", "xfs"])
 def test_rollback_is_exact(lab, kind):
     before, rec, image = sc.prepare(lab, kind)
@@ -68,6 +69,7 @@ def test_merge_removes_store_file_and_fsck_clean(lab):
     lab.umount()
 
 
+@pytest.mark.every_kernel
 @pytest.mark.parametrize("store", sc.BOTH_STORES)
 def test_stale_store_header_is_never_loaded(lab, store):
     """Stale COW header: a second checkpoint on the blocks of an earlier store must start empty."""
@@ -94,6 +96,7 @@ def test_stale_store_header_is_never_loaded(lab, store):
     lab.umount()
 
 
+@pytest.mark.every_kernel
 @pytest.mark.parametrize("store", sc.BOTH_STORES)
 def test_large_write_saves_every_chunk(lab, store):
     """Resume order: a 1 MiB direct write through the origin must save all 256 chunks."""
@@ -110,6 +113,7 @@ def test_large_write_saves_every_chunk(lab, store):
     assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) == []
 
 
+@pytest.mark.every_kernel
 def test_killed_merge_rerun_is_exact(lab):
     before, rec, image = sc.prepare(lab, "ext4-4k")
     sc.churn_through(lab)
@@ -140,6 +144,7 @@ def test_commit_unmounted_keeps_changes(lab):
     lab.umount()
 
 
+@pytest.mark.every_kernel
 def test_commit_while_mounted_stays_mounted(lab):
     _, rec, _ = sc.prepare(lab, "ext4-4k", size="32M")
     lab.mount("/dev/mapper/cp")
@@ -275,6 +280,7 @@ def test_a_merge_refused_before_its_first_write_leaves_a_checkpoint_that_can_be_
     assert differing_mib(device_digest(lab.disk, rec.outside_checkpoint), image) == []
 
 
+@pytest.mark.every_kernel
 def test_commit_refuses_a_filesystem_another_tool_froze(lab):
     """A mounted checkpoint whose filesystem another tool froze (fsfreeze, a backup agent) is
     refused alike on every kernel, with nothing changed. dm's own freeze (a lockfs suspend)

@@ -29,6 +29,7 @@ from fiesnap.errors import DeviceMapperError
 from .helpers import dev_size, kernel_series
 
 pytestmark = [
+    pytest.mark.every_kernel,
     pytest.mark.skipif(not os.path.exists("/dev/mapper/control"), reason="no device-mapper (/dev/mapper/control)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
 ]

@@ -18,6 +18,8 @@ from fiesnap.kernel.dm import DeviceMapper
 
 from .helpers import dev_size, kernel_series, make_fs, sh
 
+pytestmark = pytest.mark.every_kernel
+
 
 def test_the_targets_fiesnap_uses_have_the_versions_it_needs():
     """snapshot >= 1.15 for store type PO (Overflow reported as such); the versions both

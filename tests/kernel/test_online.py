@@ -47,6 +47,7 @@ def _fiesnap_devices() -> list[str]:
     return sorted(n for n in dm_names() if n == "cp" or n.startswith("cp-"))
 
 
+@pytest.mark.every_kernel
 @pytest.mark.parametrize("kind,by", [("ext4-4k", "name"), ("xfs", "mountpoint")])
 def test_online_start_under_writer_then_rollback_is_exact(lab, tmp_path, kind, by):
     sc.online_setup(lab, kind)
@@ -90,6 +91,7 @@ def test_online_start_under_writer_then_rollback_is_exact(lab, tmp_path, kind, b
     lab.umount()
 
 
+@pytest.mark.every_kernel
 @pytest.mark.parametrize("kind", ["ext4-4k", "xfs"])
 def test_online_commit_keeps_the_filesystem_mounted(lab, tmp_path, kind):
     sc.online_setup(lab, kind)
@@ -126,6 +128,7 @@ def test_online_commit_keeps_the_filesystem_mounted(lab, tmp_path, kind):
     lab.umount()
 
 
+@pytest.mark.every_kernel
 def test_deactivate_then_activate_keeps_the_checkpoint(lab):
     sc.online_setup(lab, "ext4-4k")
     before = tree_digest(lab.mnt)

@@ -24,7 +24,7 @@ Lab options: --kernel PKG (the Debian kernel package to boot: a meta package suc
              --keep-disks (keep the scratch images after a passing run too)
              --udev (run systemd-udevd in the guest; the script sees FIESNAP_LAB_UDEV=1)
 kernel-tests only: --shards N (guests in parallel; default 2 for the whole suite, 1 when
-pytest arguments are given), --allow-no-pass.  boots only: --boots N (default 2).
+pytest arguments are given), --shard I/N (one guest: shard I of N), --allow-no-pass.  boots only: --boots N (default 2).
 Results: .lab/runs/<time>-<pid>-<run>/results/ (output.log, junit.xml, dmesg.log, status)
 and .../console.log (kernel console + wrapper messages); boots: .../boot-<k>/results/ and
 .../boot-<k>/console.log, .../carry/, the disk images in .../; .lab/runs/<run> links to the
@@ -86,6 +86,16 @@ def _add_lab_options(p: argparse.ArgumentParser, *, disks: int, timeout: int) ->
     p.add_argument("--udev", action="store_true",
                    help="start systemd-udevd in the guest (Debian's udev package, fetched into "
                         ".lab/udev); the script sees FIESNAP_LAB_UDEV=1")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 1/2)") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be between 1 and N")
+    return i, n
 
 
 def _kernel(args: argparse.Namespace) -> KernelImage:
@@ -354,37 +364,42 @@ def cmd_boots(args: argparse.Namespace) -> int:
 def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
     k = _kernel(args)
     udev = _udev(args)
-    shards = args.shards if args.shards > 0 else (1 if pytest_args else 2)
+    if args.shard:
+        shards, parts = args.shard[1], [args.shard[0] - 1]  # one guest: shard I of N
+    else:
+        shards = args.shards if args.shards > 0 else (1 if pytest_args else 2)
+        parts = list(range(shards))
     size = parse_size(args.disk_size)
     _precompile()
     script = Path(__file__).resolve().with_name("guest-pytest.sh")
-    results: list[GuestResult | BaseException | None] = [None] * shards
-    streams = [_Prefixed(f"[{i + 1}/{shards}] ") for i in range(shards)]
+    results: list[GuestResult | BaseException | None] = [None] * len(parts)
+    streams = [_Prefixed(f"[{i + 1}/{shards}] ") for i in parts]
     runs = []
-    for i in range(shards):
+    for i in parts:
         name = "kernel-tests" + _kernel_tag(k) + ("" if shards == 1 else f"-{i + 1}of{shards}")
         runs.append(_fresh_run_dir(name))
-    _log(f"booting {shards} guest(s) with {k.version} ({args.cpus} vCPU, {args.memory}, "
+    which = f"shard {parts[0] + 1} of {shards}: 1 guest" if args.shard else f"{shards} guest(s)"
+    _log(f"booting {which} with {k.version} ({args.cpus} vCPU, {args.memory}, "
          f"{args.disks} x {args.disk_size} disks each{', udev' if udev else ''}): pytest {' '.join(pytest_args) or 'tests/kernel'}")
     t0 = time.monotonic()
 
-    def one(i: int) -> None:
-        run = runs[i]
+    def one(j: int) -> None:
+        run, i = runs[j], parts[j]
         env = {"FIESNAP_LAB_SHARD": f"{i + 1}/{shards}"} if shards > 1 else {}
         try:
-            results[i] = run_guest(
-                script, disks=[DiskSpec(run / f"disk{j}.img", size) for j in range(args.disks)],
+            results[j] = run_guest(
+                script, disks=[DiskSpec(run / f"disk{d}.img", size) for d in range(args.disks)],
                 rwdir=run / "results", memory=args.memory, cpus=args.cpus, timeout_s=args.timeout,
                 env=env, args=pytest_args, kernel=k, console_log=run / "console.log",
-                stream=sys.stdout if shards == 1 else streams[i], udev=udev,
+                stream=sys.stdout if len(parts) == 1 else streams[j], udev=udev,
                 on_start=lambda s: _log(f"guest {i + 1}/{shards} up after {s:.1f}s"))
         except BaseException as e:  # noqa: BLE001 - reported below
-            results[i] = e
+            results[j] = e
 
-    if shards == 1:
+    if len(parts) == 1:
         one(0)
     else:
-        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(shards)]
+        threads = [threading.Thread(target=one, args=(j,), daemon=True) for j in range(len(parts))]
         for t in threads:
             t.start()
         for t in threads:
@@ -394,13 +409,13 @@ def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
     statuses: list[int] = []
     total = {"passed": 0, "failures": 0, "errors": 0, "skipped": 0, "tests": 0}
     lines = []
-    for i, r in enumerate(results):
-        tag = f"guest {i + 1}/{shards}"
+    for j, r in enumerate(results):
+        tag = f"guest {parts[j] + 1}/{shards}"
         if isinstance(r, BaseException) or r is None:
             print(f"lab: {tag}: could not run: {r!r}", flush=True)
             statuses.append(NO_STATUS)
             continue
-        streams[i].close()
+        streams[j].close()
         if r.exit_status is None:
             _report_failure(r, tag)
             statuses.append(TIMED_OUT if r.timed_out else NO_STATUS)
@@ -432,7 +447,7 @@ def cmd_kernel_tests(args: argparse.Namespace, pytest_args: list[str]) -> int:
     if rc == 0 and total["passed"] == 0 and not args.allow_no_pass:
         _log("pytest succeeded but no kernel test passed (all skipped?): failing; --allow-no-pass to accept")
         rc = 1
-    _log(f"kernel tests: exit {rc} after {wall:.1f}s wall ({shards} guest(s))")
+    _log(f"kernel tests: exit {rc} after {wall:.1f}s wall ({len(parts)} guest(s))")
     # Last line, in the plain 'N passed, N failed' form CI reads.
     sys.stderr.flush()
     print(f"kernel-tests: {total['passed']} passed, {total['failures'] + total['errors']} failed, "
@@ -457,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--shards", type=int, default=_env_int("FIESNAP_LAB_SHARDS", 0),
                     help="split the tests over N guests run in parallel (default: 2 for the whole "
                          "suite, 1 when pytest arguments are given, so that output streams live)")
+    pt.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                    help="boot one guest that runs shard I of the N the tests are split into "
+                         "(so that the shards of a split can run in separate lanes)")
     pt.add_argument("--allow-no-pass", action="store_true",
                     help="exit 0 even if no test passed (e.g. all skipped)")
     ps = sub.add_parser("script", help="run a script in a lab guest", allow_abbrev=False)

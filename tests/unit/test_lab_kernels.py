@@ -114,11 +114,11 @@ def test_an_unknown_package_says_how_to_list_the_kernels():
 
 def test_the_kernel_line_names_the_release_and_the_dm_targets(tmp_path, capsys):
     (tmp_path / "kernel.txt").write_text("6.12.117+deb12-amd64\nsnapshot-merge   v1.5.0\nsnapshot  v1.16.0\n"
-                                         "linear           v1.5.0\n")
+                                         "linear           v1.4.0\n")
     lab_cli._report_kernel(tmp_path, "guest 1/2")
     err = capsys.readouterr().err
     assert err == ("lab: guest 1/2: kernel 6.12.117+deb12-amd64; dm targets: snapshot-merge v1.5.0, "
-                   "snapshot v1.16.0, linear v1.5.0\n")
+                   "snapshot v1.16.0, linear v1.4.0\n")
     lab_cli._report_kernel(tmp_path / "missing")  # a guest that never got that far: nothing to say
     assert capsys.readouterr().err == ""
 
