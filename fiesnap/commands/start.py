@@ -74,6 +74,7 @@ from fiesnap.services.stack import (
     build_store_layers,
     correct_seeded_store,
     load_snapshot_frozen,
+    origin_targets,
     seed_store,
     seeding_for,
     passthrough_targets,
@@ -402,8 +403,12 @@ def _start_online(name: str, req: StartRequest, dm_factory, state: StateStore,
                 new = _attach(dm, new, mnt, state, log)
             except BaseException as e:
                 try:
-                    storefile.remove_store_file(mnt, created.relpath)
-                    state.save(record)
+                    if dm.table(name) == origin_targets(new):  # the switch back failed too
+                        e.add_note(f"/dev/mapper/{name} still saves overwrites into /{created.relpath}: "
+                                   f"both are kept; 'fiesnap commit {name}' ends the checkpoint")
+                    else:
+                        storefile.remove_store_file(mnt, created.relpath)
+                        state.save(record)
                 except BaseException as e2:
                     e.add_note(f"while undoing the start: {e2}")
                 raise
@@ -468,7 +473,9 @@ def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log)
             seed_map=prepared_map if plan else ()).with_phase("active"))
         state.save(active)
     except BaseException:
-        reload_as_passthrough(dm, record)
+        # Back to the pass-through even on a filesystem another tool froze meanwhile: the
+        # checkpoint is being dropped, and a frozen filesystem has no write in flight.
+        reload_as_passthrough(dm, record, refuse_frozen=lambda *_: None)
         unwind(dm, made)
         raise
     if plan is not None:

@@ -67,6 +67,16 @@ def _thaw(fd: int, mountpoint: str) -> None:
 
 
 @contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold the signals in BLOCKED_SIGNALS back for the body; pending ones arrive after it."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+@contextmanager
 def frozen(mountpoint: str) -> Iterator[None]:
     """Hold `mountpoint`'s filesystem frozen for the body of the with-block.
 
@@ -75,8 +85,7 @@ def frozen(mountpoint: str) -> Iterator[None]:
     """
     if not os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is not a mount point: give the root of the filesystem")
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_SIGNALS)
-    try:
+    with signals_held():
         try:
             fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
@@ -89,15 +98,28 @@ def frozen(mountpoint: str) -> Iterator[None]:
                 _thaw(fd, mountpoint)
         finally:
             os.close(fd)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def refuse_frozen(mountpoint: str) -> None:
-    """Raise FilesystemError if another tool holds `mountpoint`'s filesystem frozen.
+def refuse_frozen(mountpoints: list[str], dev: int) -> None:
+    """Raise FilesystemError if another tool holds the filesystem on `dev` frozen.
 
-    Nothing says whether a filesystem is frozen but a freeze of one's own: FIFREEZE
-    refuses a frozen filesystem with EBUSY on every kernel, and is thawed at once.
+    Nothing tells whether a filesystem is frozen but a freeze of one's own:
+    FIFREEZE refuses a frozen filesystem with EBUSY on every kernel, and is
+    thawed at once. It goes through the first of `mountpoints` (a mount root,
+    a bind mount of a folder or a file) that is still the filesystem on `dev`
+    (something may be mounted over another); none is, nothing is checked.
     """
-    with frozen(mountpoint):
-        pass
+    for path in mountpoints:
+        with signals_held():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_dev != dev:
+                    continue
+                _freeze(fd, path)
+                _thaw(fd, path)
+                return
+            finally:
+                os.close(fd)

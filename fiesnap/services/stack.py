@@ -412,29 +412,29 @@ def _grows_into(live: list[DmTarget], recorded: list[DmTarget]) -> bool:
 
 
 def reload_as_passthrough(dm, record: CheckpointRecord, *, on_switch: Callable[[], object] = lambda: None,
-                          refuse_frozen: Callable[[str], None] = freeze.refuse_frozen) -> None:
+                          refuse_frozen: Callable[[list[str], int], None] | None = None) -> None:
     """Turn a live origin into a plain linear device without unmounting: load, suspend, resume.
 
     The lockfs suspend freezes a mounted filesystem, so no write is in flight as the
-    origin stops saving overwrites (and a resume, anyone's, thaws it). On a filesystem
-    another tool froze it fails with EBUSY before Linux 6.8 and nests from 6.8 on (the
-    switch went ahead; deleting the store file then waited forever), so a filesystem
-    mounted here goes through `refuse_frozen` first (FIFREEZE refuses a frozen one on
-    every kernel), before `on_switch` and any change. A failed suspend or resume
-    leaves NAME on its old table (an inactive one would go live at the next resume).
+    origin stops saving overwrites, and a resume, anyone's, thaws it. On a filesystem
+    another tool froze it fails with EBUSY before Linux 6.8 and nests from 6.8 on (then
+    deleting the store file waited forever), so `refuse_frozen` (freeze.refuse_frozen)
+    checks a filesystem mounted here first, before `on_switch` and any change. A failed suspend
+    or resume leaves NAME on its old table (an inactive one would go live at the next resume).
     """
     name, info = record.name, dm.info(record.name)
-    mounts = blockdev.mounts_of(info.major, info.minor) if info is not None else []
-    if mounts:
-        refuse_frozen(mounts[0])
+    if info is not None:
+        (refuse_frozen or freeze.refuse_frozen)(blockdev.mounts_of(info.major, info.minor),
+                                                os.makedev(info.major, info.minor))
     on_switch()
-    dm.load(name, passthrough_targets(record))
-    try:
-        dm.suspend(name, lockfs=True)
-        dm.resume(name)
-    except BaseException as e:
-        _undo_reload(dm, name, e)
-        raise
+    with freeze.signals_held():
+        dm.load(name, passthrough_targets(record))
+        try:
+            dm.suspend(name, lockfs=True)
+            dm.resume(name)
+        except BaseException as e:
+            _undo_reload(dm, name, e)
+            raise
 
 
 def _undo_reload(dm, name: str, failure: BaseException) -> None:

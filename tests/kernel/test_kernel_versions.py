@@ -35,7 +35,7 @@ def test_the_targets_fiesnap_uses_have_the_versions_it_needs():
 
 
 def test_dm_lockfs_on_a_filesystem_another_tool_froze_fails_before_6_8_and_nests_after(lab, dm_prefix):
-    """The reason commit freezes a mounted filesystem itself instead of a lockfs suspend.
+    """Why commit checks for a foreign freeze (a freeze and thaw of its own) before its lockfs suspend.
 
     6.1: freeze_bdev -> freeze_super finds the filesystem frozen: EBUSY, the suspend fails.
     6.8+: bdev_freeze -> freeze_super(FREEZE_MAY_NEST): the suspend succeeds inside the

@@ -359,3 +359,46 @@ def test_a_failure_after_the_switch_leaves_a_consistent_passthrough(lab):
     lab.fiesnap("start", "cp", "--size", "32M")  # a later start works
     lab.fiesnap("commit", "cp")
     lab.umount()
+
+
+_SAVE_AND_SWITCH_BACK_FAIL = """
+import sys
+import fiesnap.commands.start as start
+from fiesnap.errors import DeviceMapperError, StateError
+from fiesnap.services.statedir import StateStore
+real_save = StateStore.save
+def save(self, record):
+    if record.phase == "active":
+        raise StateError("saving the active record failed: injected")
+    return real_save(self, record)
+StateStore.save = save
+def switch_back(*a, **kw):
+    raise DeviceMapperError("device-mapper suspend cp failed: injected")
+start.reload_as_passthrough = switch_back
+from fiesnap.cli import main
+sys.argv = ["fiesnap", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.every_kernel
+def test_a_start_that_cannot_switch_back_keeps_the_store_the_origin_writes_to(lab):
+    """The switch to snapshot-origin went through, saving the record failed, and so did the
+    switch back: NAME still saves overwrites into the store file, so the undo must keep the
+    file (deleting it would free blocks the kernel goes on writing) and say how to end it."""
+    sc.online_setup(lab, "ext4-4k")
+    p = subprocess.run([sys.executable, "-c", _SAVE_AND_SWITCH_BACK_FAIL, "start", "cp", "--size", "32M"],
+                       capture_output=True, text=True, env=dict(os.environ, FIESNAP_STATE_DIR=lab.state))
+    assert p.returncode != 0 and "saving the active record failed: injected" in p.stderr, p.stderr
+    assert "both are kept" in p.stderr and "fiesnap commit cp" in p.stderr, p.stderr
+    assert "snapshot-origin" in dm_table("cp")
+    record = sc.load_record(lab.state, "cp")
+    assert record.raw["phase"] == "starting"
+    assert os.path.exists(os.path.join(lab.mnt, record.raw["store_relpath"]))
+    sc.churn(lab.mnt)  # overwrites keep going into the kept store
+    after = tree_digest(lab.mnt)
+    lab.fiesnap("commit", "cp")
+    assert " linear " in f" {dm_table('cp')} "
+    assert not os.path.exists(os.path.join(lab.mnt, record.raw["store_relpath"]))
+    assert tree_digest(lab.mnt) == after
+    lab.umount()

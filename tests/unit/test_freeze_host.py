@@ -20,7 +20,7 @@ import pytest
 from test_host_adapters import MKFS, host, loop_image  # noqa: F401  (host: fixture)
 
 from fiesnap.errors import FilesystemError, UsageError
-from fiesnap.kernel.freeze import FIFREEZE, FITHAW, frozen
+from fiesnap.kernel.freeze import FIFREEZE, FITHAW, frozen, refuse_frozen
 from fiesnap.kernel.mounts import private_mount
 
 KINDS = ["ext4-4k", "xfs"]
@@ -171,3 +171,50 @@ def test_signal_waits_for_the_thaw(mp: str, tmp_path: Path, signame: str) -> Non
         assert rc == 42
         assert lines == ["frozen", "pending", "leaving", "interrupted"]
     assert _can_write(mp)
+
+
+@pytest.mark.root
+def test_refuse_frozen_passes_a_thawed_filesystem_and_leaves_it_writable(mp: str) -> None:
+    refuse_frozen([mp], os.stat(mp).st_dev)
+    assert _can_write(mp)
+
+
+@pytest.mark.root
+def test_refuse_frozen_refuses_a_filesystem_another_tool_froze(mp: str) -> None:
+    subprocess.run(["fsfreeze", "-f", mp], check=True)
+    try:
+        with pytest.raises(FilesystemError, match=r"already frozen \(by another tool\?\).*fsfreeze -u"):
+            refuse_frozen([mp], os.stat(mp).st_dev)
+    finally:
+        subprocess.run(["fsfreeze", "-u", mp], check=True)
+    assert _can_write(mp)  # the other tool's thaw was enough: nothing of ours stayed frozen
+
+
+@pytest.mark.root
+def test_refuse_frozen_goes_through_a_bind_mounted_folder(mp: str, tmp_path: Path) -> None:
+    """A bind mount of a folder (not the filesystem's root) is a way in, too."""
+    os.mkdir(os.path.join(mp, "sub"))
+    bind = tmp_path / "bind"
+    bind.mkdir()
+    subprocess.run(["mount", "--bind", os.path.join(mp, "sub"), str(bind)], check=True)
+    try:
+        subprocess.run(["fsfreeze", "-f", mp], check=True)
+        try:
+            with pytest.raises(FilesystemError, match="already frozen"):
+                refuse_frozen([str(bind)], os.stat(mp).st_dev)
+        finally:
+            subprocess.run(["fsfreeze", "-u", mp], check=True)
+    finally:
+        subprocess.run(["umount", str(bind)], check=True)
+
+
+@pytest.mark.root
+def test_refuse_frozen_skips_a_path_that_is_another_filesystem_now(mp: str, tmp_path: Path) -> None:
+    """Something mounted over the mount point: freezing through it would freeze that."""
+    subprocess.run(["fsfreeze", "-f", mp], check=True)
+    try:
+        refuse_frozen([str(tmp_path)], os.stat(mp).st_dev)  # not the filesystem on dev: not checked
+        with pytest.raises(FilesystemError):
+            refuse_frozen([str(tmp_path), mp], os.stat(mp).st_dev)  # the next one is
+    finally:
+        subprocess.run(["fsfreeze", "-u", mp], check=True)

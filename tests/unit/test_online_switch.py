@@ -11,6 +11,7 @@ window open. The real kernel runs this in tests/kernel.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -441,10 +442,11 @@ def _reload(monkeypatch, fail: str | None = None, *, mounted: bool = True):
     monkeypatch.setattr(stack.blockdev, "mounts_of",
                         lambda ma, mi: ["/mnt/data"] if mounted and (ma, mi) == (253, 7) else [])
 
-    def refuse_frozen(mountpoint):
-        events.append(("probe", mountpoint))
+    def refuse_frozen(mountpoints, dev):
+        assert dev == os.makedev(253, 7)  # the origin's own device
+        events.append(("probe", *mountpoints))
         if fail == "frozen":
-            raise FilesystemError(f"{mountpoint} is already frozen (by another tool?): injected")
+            raise FilesystemError(f"{mountpoints[0]} is already frozen (by another tool?): injected")
 
     return events, dm, record, lambda: stack.reload_as_passthrough(
         dm, record, refuse_frozen=refuse_frozen, on_switch=lambda: events.append(("on_switch",)))
@@ -455,7 +457,7 @@ def test_reload_checks_for_a_foreign_freeze_then_switches_with_a_lockfs_suspend(
     """lockfs: a kill -9 between suspend and resume leaves a freeze the next resume releases."""
     events, dm, record, run = _reload(monkeypatch, mounted=mounted)
     run()
-    probe = [("probe", "/mnt/data")] if mounted else []
+    probe = [("probe", "/mnt/data")] if mounted else [("probe",)]
     assert events == [*probe, ("on_switch",), ("load", "cp", tuple(stack.passthrough_targets(record))),
                       ("suspend", "cp", True), ("resume", "cp"), ("udev", "cp")]
     assert dm.live["cp"] == stack.passthrough_targets(record) and not dm.suspended and not dm.inactive
