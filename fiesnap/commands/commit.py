@@ -113,8 +113,8 @@ def _commit_locked(dm, record: CheckpointRecord, state: StateStore, log: Log) ->
     verify_device(record)
     record = record.with_phase("committing")
     # The record says committing before the origin stops saving overwrites (a rollback
-    # after that would be wrong), and, on a mounted filesystem, only once the freeze for
-    # the switch holds: a filesystem another tool froze is refused with the record as it was.
+    # after that would be wrong), and only after the last refusal: a filesystem another
+    # tool froze, or an origin another program holds open, leaves the record as it was.
     if record.managed:
         return _commit_managed(dm, record, state, log)
     if mounted:
