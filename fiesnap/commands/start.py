@@ -472,11 +472,16 @@ def _attach(dm, record: CheckpointRecord, mnt: str, state: StateStore, log: Log)
             free, frozen_seconds=round(frozen_s, 3), seeded_chunks=plan.count if plan else 0,
             seed_map=prepared_map if plan else ()).with_phase("active"))
         state.save(active)
-    except BaseException:
+    except BaseException as e:
         # Back to the pass-through even on a filesystem another tool froze meanwhile: the
-        # checkpoint is being dropped, and a frozen filesystem has no write in flight.
-        reload_as_passthrough(dm, record, refuse_frozen=lambda *_: None)
-        unwind(dm, made)
+        # checkpoint is being dropped, and a frozen filesystem has no write in flight. What
+        # failed first stays the error; a failed switch back is told as a note.
+        try:
+            reload_as_passthrough(dm, record, refuse_frozen=lambda *_: None)
+        except BaseException as e2:
+            e.add_note(f"putting /dev/mapper/{record.name} back on its pass-through failed too: {e2}")
+        else:
+            unwind(dm, made)
         raise
     if plan is not None:
         log(f"{plan.count} free chunks seeded; {len(plan.converted)} allocated before the freeze "
