@@ -78,7 +78,7 @@ CRASH_REPLAY := $(VPY) -m tests.lab kernel-tests --shards 1 $(LAB_ARGS) -- -p te
 
 .PHONY: test test-kernels lab-tests demo lab sysdeps bench-sysdeps venv kernel udev unit kernel-tests \
 	kernel-tests-plain lab-selftest udev-tests power-cut-tests update-boot-tests instant-boot-tests \
-	crash-replay bench clean-lab
+	crash-replay bench report clean-lab
 
 lab: sysdeps venv kernel udev
 
@@ -232,6 +232,31 @@ bench: lab bench-sysdeps
 	$(VPY) -m tests.lab script benchmarks/startup_bench.py --disks 1 --disk-size 512M --timeout 900 || rc=$$?; \
 	$(VPY) -m tests.lab script benchmarks/merge_bench.py --disks 2 --disk-size 2G --timeout 2400 || rc=$$?; \
 	exit $$rc
+
+# The A/B report (benchmarks/REPORT.md, benchmarks/results/): every workload against every peer,
+# in two lab guests side by side (the peers of one workload always share a guest), then rendered
+# on the host with matplotlib (the `report` extra). Not part of `make test`.
+REPORT_LANE1 := package_upgrade,database,logs,source_tree
+REPORT_LANE2 := rewrite_in_place,new_files,fio
+REPORT_ARGS :=
+REPORT_GUEST = $(VPY) -m tests.lab script benchmarks/report_bench.py --disks 4 --disk-size 3G --timeout 7200
+
+report: lab bench-sysdeps
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test,report]'
+	@rm -rf .lab/runs/script-report_bench*-lane*; \
+	$(REPORT_GUEST) --tag lane1 -- --workloads $(REPORT_LANE1) $(REPORT_ARGS) > .lab/report-lane1.log 2>&1 & p1=$$!; \
+	$(REPORT_GUEST) --tag lane2 -- --workloads $(REPORT_LANE2) $(REPORT_ARGS) > .lab/report-lane2.log 2>&1 & p2=$$!; \
+	trap 'kill $$p1 $$p2 2>/dev/null; exit 130' INT TERM; \
+	echo "make report: two guests running; their logs: .lab/report-lane1.log .lab/report-lane2.log"; \
+	rc=0; wait $$p1 || rc=1; wait $$p2 || rc=1; \
+	tail -n 4 .lab/report-lane1.log .lab/report-lane2.log; \
+	if [ $$rc != 0 ]; then \
+	  echo "make report: a guest failed; benchmarks/ is unchanged (logs above, results in .lab/runs/script-report_bench*-lane*/results/)"; \
+	  exit 1; \
+	fi; \
+	mkdir -p benchmarks/results && rm -f benchmarks/results/*.json; \
+	for f in .lab/runs/script-report_bench*-lane*/results/*.json; do cp "$$f" benchmarks/results/; done; \
+	$(VPY) benchmarks/render_report.py
 
 demo: lab
 	$(VPY) -m tests.lab script tests/lab/demo.sh $(LAB_ARGS)

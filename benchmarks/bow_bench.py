@@ -51,7 +51,7 @@ import random
 import sqlite3
 import time
 
-from common import MiB, Fiesnap, log, machine, sh, write_results  # noqa: E402 (sets sys.path)
+from common import MiB, Fiesnap, log, machine, sh, timed, trace_chunks, write_results  # noqa: E402 (sets sys.path)
 
 from fiesnap.kernel.fsmap import free_space
 from fiesnap.model.extents import free_chunks
@@ -129,12 +129,6 @@ def workload(root: str, seed: int) -> None:
     os.sync()
 
 
-def timed(fn) -> float:
-    t0 = time.monotonic()
-    fn()
-    return time.monotonic() - t0
-
-
 def replay_plain(log_path: str, disk: str, mark: str) -> float:
     """The trace after the mark onto `disk` as it was logged: writes, a barrier at FLUSH/FUA."""
     with read_log(log_path) as trace, FileImage(disk) as img:
@@ -181,14 +175,7 @@ def cow_model(log_path: str, mark: str, free_at_mark=(), chunk: int = 4096) -> d
     + 1 metadata chunk per chunk/16 exceptions + the header chunk. `free_aware`: the same
     for the chunks that were not wholly free at the mark (`free_at_mark`: byte ranges), the
     ones a free-aware store copies (its seeded areas not counted)."""
-    chunks: set[int] = set()
-    after = False
-    with read_log(log_path) as trace:
-        for e in trace.entries(with_data=False):
-            if e.is_mark and e.mark == mark:
-                after = True
-            elif after and (e.is_write or e.is_discard) and e.length:
-                chunks.update(range(e.offset // chunk, -(-(e.offset + e.length) // chunk)))
+    chunks = trace_chunks(log_path, mark, chunk)
     per_meta = chunk // 16
 
     def size(n: int) -> int:

@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from fiesnap.kernel.dm import DeviceMapper  # noqa: E402
+from fiesnap.kernel.directio import AlignedBuffer, DirectDevice  # noqa: E402
 from fiesnap.model.record import CheckpointRecord  # noqa: E402
 from fiesnap.model.snapstatus import parse_snapshot_status  # noqa: E402
 
@@ -165,3 +167,105 @@ def populate_ext4(dev: str, mnt: str, files: int, file_mib: int) -> None:
         sh("dd", "if=/dev/urandom", f"of={mnt}/f{i}.bin", "bs=1M", f"count={file_mib}", "status=none")
     sh("umount", mnt)
 
+
+
+def quiet(_msg: str) -> None:
+    """A progress sink for in-process fiesnap calls: the benchmarks log their own lines."""
+
+
+def timed(fn) -> float:
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
+
+
+def trace_chunks(log_path: str, mark: str, chunk: int) -> set[int]:
+    """Chunks a dm-log-writes trace wrote or discarded after its mark."""
+    from bow_compat.logwrites import read_log
+
+    chunks: set[int] = set()
+    after = False
+    with read_log(log_path) as trace:
+        for e in trace.entries(with_data=False):
+            if e.is_mark and e.mark == mark:
+                after = True
+            elif after and (e.is_write or e.is_discard) and e.length:
+                chunks.update(range(e.offset // chunk, -(-(e.offset + e.length) // chunk)))
+    return chunks
+
+
+def drop_caches() -> None:
+    """Write back and drop the page cache, so every measured run starts equally cold."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+# --------------------------------------------------------------------- LVM, the peer
+
+# lvm2 in a guest without udev, without lvm's own daemons, with no backups to write.
+LVM_CONFIG = ("activation { udev_sync = 0 udev_rules = 0 monitoring = 0 } "
+              "backup { backup = 0 archive = 0 } global { use_lvmpolld = 0 } devices { obtain_device_list_from_udev = 0 }")
+
+
+def have_lvm() -> bool:
+    return shutil.which("lvm") is not None
+
+
+def lvm(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    return sh("lvm", *args, "--config", LVM_CONFIG, check=check, timeout=timeout,
+              env=dict(os.environ, DM_DISABLE_UDEV="1"))
+
+
+# --------------------------------------------------------------------- copies
+
+def store_device(dm: DeviceMapper, record: CheckpointRecord, name: str) -> str:
+    """A read-only linear device NAME over a kept store file's extents: the store as NAME-cow
+    showed it, for a raw copy of the same runs a merge copied."""
+    dev = f"{record.device_major}:{record.device_minor}"
+    dm.create(name, targets=record.cow.dm_targets(dev), read_only=True)
+    return dm.node_path(name)
+
+
+def raw_same_runs(src: str, dst: str, ranges: list) -> float:
+    """Copy (dest, src_offset, length) runs one at a time with O_DIRECT, one I/O in flight,
+    then fsync: the plain copy loop a merge is measured against."""
+    largest = max(n for _, _, n in ranges)
+    with AlignedBuffer(largest + (-largest % 4096)) as buf, DirectDevice.open(src, write=False) as s, \
+            DirectDevice.open(dst, write=True) as d:
+        t0 = time.monotonic()
+        for dest, off, n in ranges:
+            s.read_into(buf, off, n)
+            d.write_from(buf, dest, n)
+        d.fsync()
+        return time.monotonic() - t0
+
+
+# --------------------------------------------------------------------- kernel memory
+
+SLAB = "/sys/kernel/slab/dm_exception"
+SETTLE_S = 0.3  # before each slab read: RCU-freed objects of the last command go away
+
+
+def slab_objects() -> int:
+    """Objects in use in the (shared) cache. `shrink` first: it flushes the per-CPU slabs, whose
+    free objects `objects` would otherwise count as in use (128 a slab: the noise of a delta)."""
+    time.sleep(SETTLE_S)
+    try:
+        with open(f"{SLAB}/shrink", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+    with open(f"{SLAB}/objects") as f:
+        return int(f.read().split()[0])
+
+
+def slab_info() -> dict:
+    info = {"path": SLAB, "merged_into": os.path.basename(os.path.realpath(SLAB))}
+    for key in ("object_size", "slab_size", "objs_per_slab", "aliases"):
+        try:
+            with open(f"{SLAB}/{key}") as f:
+                info[key] = f.read().split()[0]
+        except OSError:
+            pass
+    return info

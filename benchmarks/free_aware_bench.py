@@ -49,7 +49,8 @@ import random
 import struct
 import time
 
-from common import KiB, MiB, Fiesnap, log, machine, sh, write_results  # noqa: E402 (sets sys.path)
+from common import (SLAB, KiB, MiB, Fiesnap, log, machine, quiet, sh, slab_info, slab_objects,  # noqa: E402 (sets sys.path)
+                    write_results)
 
 from fiesnap.commands import commit as commit_cmd
 from fiesnap.commands import setup as setup_cmd
@@ -67,9 +68,7 @@ STATE = "/tmp/fa-bench-state"
 MNT = "/tmp/fa-bench-mnt"
 OFF = "fa"    # offline checkpoint name
 ON = "fo"     # online: the device under fiesnap
-SLAB = "/sys/kernel/slab/dm_exception"
 BLKRRPART = 0x125F
-SETTLE_S = 0.3  # before each slab read: RCU-freed objects of the last command go away
 
 
 # --------------------------------------------------------------------- disk
@@ -119,30 +118,6 @@ def mkfs(dev: str, eager: bool, extra: tuple = (), fs_bytes: int = 0) -> float:
 
 # --------------------------------------------------------------------- kernel memory
 
-def slab_objects() -> int:
-    """Objects in use in the (shared) cache. `shrink` first: it flushes the per-CPU slabs, whose
-    free objects `objects` would otherwise count as in use (128 a slab: the noise of a delta)."""
-    time.sleep(SETTLE_S)
-    try:
-        with open(f"{SLAB}/shrink", "w") as f:
-            f.write("1")
-    except OSError:
-        pass
-    with open(f"{SLAB}/objects") as f:
-        return int(f.read().split()[0])
-
-
-def slab_info() -> dict:
-    info = {"path": SLAB, "merged_into": os.path.basename(os.path.realpath(SLAB))}
-    for key in ("object_size", "slab_size", "objs_per_slab", "aliases"):
-        try:
-            with open(f"{SLAB}/{key}") as f:
-                info[key] = f.read().split()[0]
-        except OSError:
-            pass
-    return info
-
-
 def model_exceptions(record: CheckpointRecord) -> int:
     """In-core exceptions the seeded table should load as: the seeded runs cut at 256-chunk
     windows (model/seeding.py recomputed from the record's checkpoint-time map)."""
@@ -157,10 +132,6 @@ def model_exceptions(record: CheckpointRecord) -> int:
 
 
 # --------------------------------------------------------------------- fiesnap
-
-def quiet(_msg: str) -> None:
-    pass
-
 
 def in_process_commit(name: str) -> None:
     commit_cmd.commit(name, DeviceMapper, StateStore(STATE), quiet)

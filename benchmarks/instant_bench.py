@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (MiB, aligned_buffer, log, machine, median, populate_ext4, require_lab, sh,  # noqa: E402
+from common import (MiB, aligned_buffer, log, machine, median, populate_ext4, quiet, require_lab, sh,  # noqa: E402
                     write_results)
 from fiesnap.commands import merge as merge_cmd  # noqa: E402
 from fiesnap.commands import start as start_cmd  # noqa: E402
@@ -37,10 +37,6 @@ STATE = "/tmp/ib-state"
 MNT = "/tmp/ib-mnt"
 FILES = 8  # files of FILE_MIB each hold the checkpoint data that gets overwritten
 FILE_MIB = 40
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def prepare(disk: str, overwrite: int, scatter: bool) -> None:

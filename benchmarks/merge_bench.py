@@ -40,12 +40,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (MiB, aligned_buffer, log, machine, median, populate_ext4, require_lab, sh,  # noqa: E402
-                    write_results)
+from common import (MiB, aligned_buffer, have_lvm, log, lvm, machine, median, populate_ext4, quiet,  # noqa: E402
+                    raw_same_runs, require_lab, sh, store_device, write_results)
 from fiesnap.commands import merge as merge_cmd  # noqa: E402
 from fiesnap.commands import start as start_cmd  # noqa: E402
 from fiesnap.kernel.dm import DeviceMapper  # noqa: E402
-from fiesnap.kernel.directio import AlignedBuffer, DirectDevice  # noqa: E402
 from fiesnap.model.record import CheckpointRecord  # noqa: E402
 from fiesnap.model.units import parse_size  # noqa: E402
 from fiesnap.services.cowio import make_plan, read_table  # noqa: E402
@@ -59,13 +58,6 @@ FILES = 8
 FILE_MIB = 48
 BLOCK = 4096
 VG = "mbvg"
-# lvm2 in a guest without udev, without lvm's own daemons, with no backups to write.
-LVM_CONFIG = ("activation { udev_sync = 0 udev_rules = 0 monitoring = 0 } "
-              "backup { backup = 0 archive = 0 } global { use_lvmpolld = 0 } devices { obtain_device_list_from_udev = 0 }")
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def populate(dev: str) -> None:
@@ -118,25 +110,6 @@ def fiesnap_round(disk: str, sequential: int, random_writes: int, seed: int) -> 
             record, ranges)
 
 
-def store_device(dm: DeviceMapper, record: CheckpointRecord) -> str:
-    """A linear device over the kept store file's extents: the store as NAME-cow showed it."""
-    dev = f"{record.device_major}:{record.device_minor}"
-    dm.create("mb-store", targets=record.cow.dm_targets(dev), read_only=True)
-    return dm.node_path("mb-store")
-
-
-def raw_same_runs(src: str, dst: str, ranges: list) -> float:
-    largest = max(n for _, _, n in ranges)
-    with AlignedBuffer(largest + (-largest % 4096)) as buf, DirectDevice.open(src, write=False) as s, \
-            DirectDevice.open(dst, write=True) as d:
-        t0 = time.monotonic()
-        for dest, off, n in ranges:
-            s.read_into(buf, off, n)
-            d.write_from(buf, dest, n)
-        d.fsync()
-        return time.monotonic() - t0
-
-
 def fio_same_runs(src: str, dst: str, ranges: list, results: str) -> float | None:
     if shutil.which("fio") is None:
         return None
@@ -165,12 +138,8 @@ def raw_sequential(src: str, dst: str, nbytes: int) -> float:
     return time.monotonic() - t0
 
 
-def lvm(*args: str, check: bool = True):
-    return sh("lvm", *args, "--config", LVM_CONFIG, check=check, env=dict(os.environ, DM_DISABLE_UDEV="1"))
-
-
 def lvm_round(disk: str, sequential: int, random_writes: int, seed: int) -> float | None:
-    if shutil.which("lvm") is None:
+    if not have_lvm():
         return None
     sh("wipefs", "-aq", disk)
     lvm("pvcreate", "-qq", "-y", disk)
@@ -205,7 +174,7 @@ def main() -> int:
     rows = []
     for i in range(args.rounds):
         row, record, ranges = fiesnap_round(disk, sequential, args.random, seed=i)
-        src = store_device(dm, record)
+        src = store_device(dm, record, "mb-store")
         try:
             row["raw_same_runs_s"] = raw_same_runs(src, disk, ranges)
             if second:

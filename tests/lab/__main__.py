@@ -251,6 +251,12 @@ def _script_name(prefix: str, script: Path) -> str:
     return prefix + "".join(c if c.isalnum() or c in "-_" else "_" for c in script.stem)
 
 
+def _run_tag(tag: str) -> str:
+    if not all(c.isalnum() or c in "-_" for c in tag) or len(tag) > 40:
+        raise argparse.ArgumentTypeError(f"{tag!r}: a run tag is up to 40 letters, digits, '-' or '_'")
+    return tag
+
+
 def _rel(p: Path) -> Path:
     return p.relative_to(REPO) if p.is_relative_to(REPO) else p
 
@@ -265,7 +271,7 @@ def cmd_script(args: argparse.Namespace) -> int:
     script = Path(args.script).resolve()
     k = _kernel(args)
     udev = _udev(args)
-    name = _script_name("script-", script) + _kernel_tag(k)
+    name = _script_name("script-", script) + _kernel_tag(k) + (f"-{args.tag}" if args.tag else "")
     run = _fresh_run_dir(name)
     size = parse_size(args.disk_size)
     disks = [DiskSpec(run / f"disk{i}.img", size) for i in range(args.disks)]
@@ -481,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="exit 0 even if no test passed (all skipped, or none selected: pytest's 5)")
     ps = sub.add_parser("script", help="run a script in a lab guest", allow_abbrev=False)
     _add_lab_options(ps, disks=2, timeout=900)
+    ps.add_argument("--tag", default="", type=_run_tag,
+                    help="appended to the run's folder name, so two guests of one script can run side by side")
     ps.add_argument("script")
     pb = sub.add_parser("boots", help="run a script in N guests in a row on the same disks",
                         allow_abbrev=False)
