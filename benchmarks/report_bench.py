@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (MiB, REPO, drop_caches, have_lvm, log, lvm, machine, quiet, raw_same_runs,  # noqa: E402
                     require_lab, sh, slab_info, slab_objects, store_device, timed, trace_chunks, write_results)
 from report_model import lower_bound, ratios  # noqa: E402
-from workloads import BLOCK, Workload, by_name  # noqa: E402
+from workloads import BLOCK, Workload, by_name, preflight  # noqa: E402
 
 from bow_compat.capture import capture  # noqa: E402
 from bow_compat.image import copy_prefix  # noqa: E402
@@ -57,6 +57,7 @@ from fiesnap.commands import start as start_cmd  # noqa: E402
 from fiesnap.commands import status as status_cmd  # noqa: E402
 from fiesnap.kernel.dm import DeviceMapper  # noqa: E402
 from fiesnap.kernel.fsmap import free_space  # noqa: E402
+from fiesnap.model.cowtable import LINEAR  # noqa: E402
 from fiesnap.model.extents import free_chunks  # noqa: E402
 from fiesnap.model.snapstatus import parse_snapshot_status  # noqa: E402
 from fiesnap.services.cowio import make_plan, read_table  # noqa: E402
@@ -129,7 +130,11 @@ def peer_trace(w: Workload, data: str, logdev: str, base: str, out: str, fs_byte
     capture(data, logdev, MNT, lambda root: (w.run(root), None)[1], sectors=fs_bytes // 512, mark=MARK)
     at_end = free_chunks(free_map(data), BLOCK)
     t0 = time.monotonic()
-    rep = replay(logdev, base, out, mark=MARK, block_size=BLOCK).to_dict()
+    try:
+        rep = replay(logdev, base, out, mark=MARK, block_size=BLOCK).to_dict()
+    finally:
+        if os.path.exists(out):     # the model's output image: nothing reads it, and the next
+            os.unlink(out)          # workload's replay must not find it
     model_s = time.monotonic() - t0
     written = trace_chunks(logdev, MARK, BLOCK)
     lb = lower_bound(written, free_chunks(free_at_mark, BLOCK), at_end, BLOCK)
@@ -167,6 +172,8 @@ def fiesnap_peer(w: Workload, data: str, base: str, fs_bytes: int, store: int, m
            "store_bytes": st["store_bytes"], "used_bytes": st["used_bytes"], "metadata_bytes": st["metadata_bytes"],
            "seeded_bytes": st["seeded_bytes"], "segments": st["segments"], "state": st["state"],
            "seeded_areas": record.seeded_areas, "exceptions_in_core_at_start": s1 - s0,
+           # every flush of NAME-cow (each metadata commit) goes to each of these (flush_bench.py)
+           "cow_linear_targets": sum(1 for seg in record.cow.segments if seg.kind == LINEAR),
            "exceptions_in_core": s2 - s0}
     if st["state"] != "active":
         raise RuntimeError(f"{w.name}/{mode}: the snapshot is {st['state']} after the workload (store too small?)")
@@ -350,6 +357,7 @@ def main() -> int:
     if len(disks) < 4:
         raise SystemExit("needs four scratch disks: give the lab --disks 4 --disk-size 3G")
     workloads = by_name(args.workloads)
+    preflight(workloads)
     for d in (WORK, MNT):
         os.makedirs(d, exist_ok=True)
     sh("mkfs.ext4", "-F", "-q", disks[3])
@@ -360,7 +368,7 @@ def main() -> int:
             t0 = time.monotonic()
             try:
                 r = one_workload(w, disks[:4], args.fs_mib * MiB, args.verify)
-            except Exception:
+            except (Exception, SystemExit):
                 traceback.print_exc()
                 failed.append(w.name)
                 clean_up()

@@ -98,6 +98,18 @@ def job_seconds(job: dict) -> float:
     return job.get("fio_runtime_s") or job["wall_s"]
 
 
+def _write_cost_why(p: dict) -> str:
+    """Why a fiesnap store's writes cost what they do, from its NAME-cow table."""
+    n = p.get("cow_linear_targets")
+    if n and n > 1:
+        return (f"its store device (NAME-cow) is a table of {n:,} linear targets"
+                + (", one per pre-written exception area," if p.get("seeded_areas") else ", one per store-file extent,")
+                + " and device-mapper sends every flush, which ends each commit of the exception table, "
+                  "to each target (benchmarks/flush_bench.py measures that cost by target count)")
+    return ("the store lives in a file on the same filesystem and disk, LVM's on a separate logical "
+            "volume; the rest is one run's noise")
+
+
 LOSS_MARGIN = 1.05  # within 5% is a tie for one run on a TCG guest
 
 
@@ -131,8 +143,19 @@ def losses(res: dict, r: dict) -> list[str]:
         if wl is not None and wl > LOSS_MARGIN:
             out.append(f"fiesnap's {label} slows the writes {q['write_vs_none']:.2f}x against no checkpoint, "
                        f"LVM's snapshot {r['lvm_write_vs_none']:.2f}x ({wl:.2f}x LVM's overhead): the same "
-                       f"dm-snapshot target; the difference is where the store lives (a file on the same "
-                       f"filesystem and disk, against a separate logical volume) and one run's noise.")
+                       f"dm-snapshot target; " + _write_cost_why(p) + ".")
+    pl, fa = res["fiesnap"].get("plain"), res["fiesnap"].get("free_aware")
+    if pl and fa and pl.get("write_s") and fa["write_s"] > LOSS_MARGIN * pl["write_s"]:
+        out.append(f"The free-aware store's writes took {fa['write_s'] / pl['write_s']:.2f}x the plain store's "
+                   f"({fa['write_s']:.1f} s against {pl['write_s']:.1f} s): " + _write_cost_why(fa) + ".")
+    fam = (res["merge"] or {}).get("free_aware") or {}
+    if fam.get("raw_same_runs_s") and fam["fiesnap_s"] > LOSS_MARGIN * fam["raw_same_runs_s"]:
+        seeded = (fa or {}).get("seeded_bytes") or 0
+        out.append(f"fiesnap merge of the free-aware store takes {fam['fiesnap_s'] / fam['raw_same_runs_s']:.2f}x "
+                   f"a raw copy of its runs ({fam['fiesnap_s']:.2f} s against {fam['raw_same_runs_s']:.2f} s; "
+                   f"its copy alone {fam['copy_s']:.2f} s): before copying it reads and checks the whole "
+                   f"exception table, {seeded // res['setup']['chunk_bytes']:,} pre-written entries of free "
+                   f"chunks included, which the plain store does not have.")
     mv = r.get("merge_vs_raw")
     if mv is not None and mv > LOSS_MARGIN:
         m = res["merge"]

@@ -38,6 +38,7 @@ class Workload:
     populate: Callable[[str], None]
     run: Callable[[str], dict]
     data: dict = field(default_factory=dict)    # where its real data came from
+    needs: Callable[[], object] = lambda: None  # raises SystemExit if its data or program is missing
 
 
 # --------------------------------------------------------------------- the lab's kernel packages
@@ -46,7 +47,8 @@ class Workload:
 class KernelTree:
     package: str
     version: str
-    modules: Path   # <root>/lib/modules/<version>/kernel
+    cache: Path     # .lab/kernels/<requested>: kernel.json, root/, debs/
+    modules: Path   # root/lib/modules/<version>/kernel
 
 
 def kernel_trees() -> tuple[KernelTree, KernelTree]:
@@ -56,7 +58,7 @@ def kernel_trees() -> tuple[KernelTree, KernelTree]:
         k = json.loads(meta.read_text())
         modules = meta.parent / "root" / "lib" / "modules" / k["version"] / "kernel"
         if modules.is_dir():
-            found.append(KernelTree(k["package"], k["version"], modules))
+            found.append(KernelTree(k["package"], k["version"], meta.parent, modules))
     if len(found) < 2:
         raise SystemExit("the package workloads need both lab kernels unpacked in .lab/kernels: run `make lab`")
 
@@ -302,9 +304,9 @@ def run_rewrite(root: str) -> dict:
 
 def _newest_deb() -> Path:
     _, new = kernel_trees()
-    debs = sorted((new.modules.parents[3] / "debs").glob("*.deb"))
+    debs = sorted((new.cache / "debs").glob(f"{new.package}_*.deb"))
     if not debs:
-        raise SystemExit(f"no .deb beside {new.modules.parents[3]}: run `make lab`")
+        raise SystemExit(f"no {new.package} .deb in {new.cache / 'debs'}: run `make lab`")
     return debs[0]
 
 
@@ -371,6 +373,11 @@ def run_source(root: str) -> dict:
 FIO_OVER, FIO_OVER_MIB = "data/over.bin", 256
 
 
+def _need_fio() -> None:
+    if shutil.which("fio") is None:
+        raise SystemExit("fio is not installed: `make bench-sysdeps` installs it")
+
+
 def fio_sections() -> list[str]:
     return [ln.strip()[1:-1] for ln in FIO_JOBS.read_text().splitlines()
             if ln.strip().startswith("[") and ln.strip() != "[global]"]
@@ -383,8 +390,7 @@ def populate_fio(root: str) -> None:
 def run_fio(root: str) -> dict:
     """Every job of benchmarks/fio/writes.fio, one after the other; each job's wall time
     (fio start to its end_fsync) and fio's own figures."""
-    if shutil.which("fio") is None:
-        raise SystemExit("fio is not installed: `make bench-sysdeps` installs it")
+    _need_fio()
     jobs = {}
     env = dict(os.environ, FIO_DIR=f"{root}/data")
     for section in fio_sections():
@@ -406,7 +412,7 @@ WORKLOADS: tuple[Workload, ...] = (
              "A Debian kernel package's modules (fs, net, sound) upgraded from 6.1 to 6.12 the way dpkg "
              "does it: each file unpacked to .dpkg-new and fsynced, renamed over the old one, the files "
              "6.12 dropped removed, then dpkg's file list and status file replaced.",
-             populate_package, run_package, {"source": "the lab's linux-image packages; dpkg status of the host"}),
+             populate_package, run_package, {"source": "the lab's linux-image packages; dpkg status of the host"}, kernel_trees),
     Workload("database", "SQLite database (WAL)",
              "A 60,000-row SQLite database in WAL mode: 30 transactions of 300 updates, 200 inserts and "
              "150 deletes, a checkpoint, then VACUUM and a truncating checkpoint.",
@@ -422,16 +428,23 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("new_files", "Download and unpack into free space",
              "The 6.12 kernel package (107 MiB) downloaded into the filesystem and unpacked with "
              "dpkg-deb -x next to a checkpoint-time tree.",
-             populate_new_files, run_new_files, {"source": "the lab's linux-image-6.12 package"}),
+             populate_new_files, run_new_files, {"source": "the lab's linux-image-6.12 package"}, _newest_deb),
     Workload("source_tree", "Source tree switched between versions",
              "This project's git repository checked out at its first commit, then switched to the "
              "current commit, back, and forward again with git checkout.",
-             populate_source, run_source, {"source": "this repository's history"}),
+             populate_source, run_source, {"source": "this repository's history"}, source_versions),
     Workload("fio", "fio write jobs",
              "benchmarks/fio/writes.fio: sequential 1 MiB and random 4 KiB writes, O_DIRECT and "
              "buffered, over a 256 MiB file written before the checkpoint and into new files.",
-             populate_fio, run_fio, {"source": "fio job file in benchmarks/fio/"}),
+             populate_fio, run_fio, {"source": "fio job file in benchmarks/fio/"}, _need_fio),
 )
+
+
+def preflight(workloads: list[Workload]) -> None:
+    """Every chosen workload's data and programs present, before any disk is touched: a missing
+    one stops the run at once with what to do, not half-way through."""
+    for w in workloads:
+        w.needs()
 
 
 def by_name(names: str) -> list[Workload]:

@@ -16,7 +16,8 @@ sys.path.insert(0, str(BENCH))
 
 import render_report  # noqa: E402
 from report_model import job_ratio, losses, lower_bound, ratios  # noqa: E402
-from workloads import WORKLOADS, by_name, fio_sections  # noqa: E402
+import workloads  # noqa: E402
+from workloads import WORKLOADS, by_name, fio_sections, preflight  # noqa: E402
 
 MiB = 1 << 20
 
@@ -86,6 +87,19 @@ def test_losses_name_the_mechanism_behind_each():
     assert "merge takes 1.25x a raw O_DIRECT copy" in text
 
 
+def test_a_slower_free_aware_store_is_explained_by_its_table():
+    r = result()
+    r["fiesnap"]["free_aware"].update(write_s=24.0, cow_linear_targets=905, seeded_bytes=900 * MiB)
+    r["fiesnap"]["plain"]["cow_linear_targets"] = 1
+    r["merge"]["free_aware"].update(fiesnap_s=3.0, copy_s=0.3, raw_same_runs_s=0.3)
+    r["ratios"] = ratios(r)
+    text = " ".join(losses(r, r["ratios"]))
+    assert "free-aware store's writes took 2.00x the plain store's" in text
+    assert "905 linear targets, one per pre-written exception area" in text and "flush" in text
+    assert "merge of the free-aware store takes 10.00x" in text and "230,400 pre-written entries" in text
+    assert "one per store-file extent" not in text      # the plain store's single target is no loss
+
+
 def test_no_loss_is_reported_within_the_noise():
     r = result()
     r["fiesnap"]["free_aware"]["used_bytes"] = 20 * MiB
@@ -132,6 +146,36 @@ def test_workload_names_are_checked():
     with pytest.raises(SystemExit, match="unknown workload"):
         by_name("logs,nope")
     assert len(WORKLOADS) == 7
+
+
+def _lab_kernel(lab, requested, package, version, deb=True):
+    cache = lab / "kernels" / requested
+    (cache / "root" / "lib" / "modules" / version / "kernel" / "fs").mkdir(parents=True)
+    (cache / "kernel.json").write_text(json.dumps({"requested": requested, "package": package, "version": version}))
+    if deb:
+        (cache / "debs").mkdir()
+        (cache / "debs" / f"{package}_1_amd64.deb").write_bytes(b"!<arch>\n")
+
+
+def test_the_download_is_the_newer_kernels_own_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(workloads, "REPO", str(tmp_path))
+    _lab_kernel(tmp_path / ".lab", "linux-image-6.12-amd64", "linux-image-6.12.117+deb12-amd64", "6.12.117+deb12-amd64")
+    _lab_kernel(tmp_path / ".lab", "linux-image-amd64", "linux-image-6.1.0-57-amd64", "6.1.0-57-amd64")
+    old, new = workloads.kernel_trees()
+    assert (old.version, new.version) == ("6.1.0-57-amd64", "6.12.117+deb12-amd64")
+    assert workloads._newest_deb().name == "linux-image-6.12.117+deb12-amd64_1_amd64.deb"
+
+
+def test_a_missing_prerequisite_stops_the_run_before_any_workload(tmp_path, monkeypatch):
+    monkeypatch.setattr(workloads, "REPO", str(tmp_path))
+    _lab_kernel(tmp_path / ".lab", "linux-image-6.12-amd64", "linux-image-6.12.117+deb12-amd64", "6.12.117+deb12-amd64",
+                deb=False)
+    _lab_kernel(tmp_path / ".lab", "linux-image-amd64", "linux-image-6.1.0-57-amd64", "6.1.0-57-amd64")
+    preflight(by_name("package_upgrade,database,logs,rewrite_in_place"))
+    with pytest.raises(SystemExit, match="make lab"):
+        preflight(by_name("database,new_files"))
+    with pytest.raises(SystemExit, match="git history"):
+        preflight(by_name("source_tree"))
 
 
 def test_the_fio_job_file_has_the_four_kinds_over_old_data_and_into_free_space():
