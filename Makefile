@@ -231,6 +231,10 @@ bench: lab bench-sysdeps
 	  -- --pattern scatter --overwrite 48M || rc=$$?; \
 	$(VPY) -m tests.lab script benchmarks/startup_bench.py --disks 1 --disk-size 512M --timeout 900 || rc=$$?; \
 	$(VPY) -m tests.lab script benchmarks/merge_bench.py --disks 2 --disk-size 2G --timeout 2400 || rc=$$?; \
+	for k in $(LAB_KERNELS); do \
+	  FIESNAP_LAB_KERNEL=$$k $(VPY) -m tests.lab script benchmarks/flush_bench.py --disks 1 --disk-size 2G \
+	    --timeout 900 || rc=$$?; \
+	done; \
 	exit $$rc
 
 # The A/B report (benchmarks/REPORT.md, benchmarks/results/): every workload against every peer,

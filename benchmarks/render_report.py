@@ -223,7 +223,9 @@ def workload_section(r: dict) -> list[str]:
             f"| raw O_DIRECT copy of the same {m['runs']:,} runs ({mib(m['bytes'])} MiB) | {s(m['raw_same_runs_s'])} | "
             f"{x(1 / q['merge_vs_raw'] if q['merge_vs_raw'] else None)} |",
             f"| fiesnap merge (its copy: {s(m['copy_s'])}) | {s(m['fiesnap_s'])} | 1.00x |",
-            f"| fiesnap merge, free-aware store ({mib(m['free_aware']['bytes'])} MiB) | {s(m['free_aware']['fiesnap_s'])} | "
+            f"| fiesnap merge, free-aware store ({mib(m['free_aware']['bytes'])} MiB; its copy: "
+            f"{s(m['free_aware'].get('copy_s'))}, a raw copy of its runs: {s(m['free_aware'].get('raw_same_runs_s'))}) | "
+            f"{s(m['free_aware']['fiesnap_s'])} | "
             f"{x(m['free_aware']['fiesnap_s'] / m['fiesnap_s'] if m['fiesnap_s'] else None)} |",
             f"| merge --instant: filesystem mountable | {s(m['instant_mount_s'])} | {x(q['instant_mount_vs_merge'])} |",
             f"| merge --instant: kernel merge done | {s(m['instant_finish_s'])} | {x(q['instant_finish_vs_merge'])} |",
@@ -249,6 +251,22 @@ def workload_section(r: dict) -> list[str]:
     return out
 
 
+NOT_COVERED = [
+    "## What this report does not tell",
+    "",
+    "- One run per workload: a ratio within 5% of 1.0 is a tie, and a single noisy run can move "
+    "a write-time ratio further (the host's other load is not controlled).",
+    "- One filesystem (ext4), one chunk size (4 KiB), one kernel (the lab's default); the "
+    "free-aware store's costs grow with the filesystem's free space, which a 1 GiB filesystem "
+    "keeps small (benchmarks/free_aware_bench.py measures them by size and chunk size).",
+    "- No native hardware: a flush here ends in the host's page cache, not a disk's write cache; "
+    "on a real disk every flush that reaches it costs more, in every peer that sends it.",
+    "- dm-bow's time: its figures are a Python model's replay of the trace, so only its space is "
+    "compared.",
+    "",
+]
+
+
 def render(results: Path, out: Path, with_plots: bool = True) -> str:
     runs = load(results)
     if not runs:
@@ -267,6 +285,7 @@ def render(results: Path, out: Path, with_plots: bool = True) -> str:
     missing = [w.name for w in WORKLOADS if w.name not in {r["workload"]["name"] for r in runs}]
     if missing:
         text += [f"Not in this run: {', '.join(missing)}.", ""]
+    text += NOT_COVERED
     body = "\n".join(text).rstrip() + "\n"
     (out / "REPORT.md").write_text(body)
     return body
