@@ -325,6 +325,7 @@ def run_new_files(root: str) -> dict:
     fd = os.open(out, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
+    os.makedirs(f"{root}/opt/unpacked", exist_ok=True)   # dpkg-deb -x makes only the last folder
     sh("dpkg-deb", "-x", out, f"{root}/opt/unpacked", timeout=1800)
     unpacked = sum(p.stat().st_size for p in Path(f"{root}/opt/unpacked").rglob("*") if p.is_file())
     return {"download_bytes": deb.stat().st_size, "unpacked_bytes": unpacked, "package": deb.name}
