@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -212,3 +214,26 @@ def test_committed_results_name_every_peer_and_their_provenance(path):
         assert r["setup"][key]
     assert r["merge"]["exact"] and r["merge"]["fsck_clean"]
     assert (BENCH / "REPORT.md").exists() and r["workload"]["title"] in (BENCH / "REPORT.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_the_download_workload_unpacks_into_a_folder_it_makes(tmp_path, monkeypatch):
+    lab = tmp_path / "repo" / ".lab"
+    monkeypatch.setattr(workloads, "REPO", str(tmp_path / "repo"))
+    _lab_kernel(lab, "linux-image-amd64", "linux-image-6.1.0-57-amd64", "6.1.0-57-amd64")
+    _lab_kernel(lab, "linux-image-6.12-amd64", "linux-image-6.12.117+deb12-amd64", "6.12.117+deb12-amd64", deb=False)
+    pkg = tmp_path / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text("Package: tiny\nVersion: 1\nArchitecture: all\n"
+                                           "Maintainer: nobody <nobody@example.org>\nDescription: a test package\n")
+    (pkg / "boot").mkdir()
+    (pkg / "boot" / "vmlinuz-test").write_bytes(b"k" * 5000)
+    debs = lab / "kernels" / "linux-image-6.12-amd64" / "debs"
+    debs.mkdir()
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg),
+                    str(debs / "linux-image-6.12.117+deb12-amd64_1_amd64.deb")], check=True, capture_output=True)
+    root = tmp_path / "fs"
+    root.mkdir()
+    figures = workloads.run_new_files(str(root))
+    assert (root / "opt" / "unpacked" / "boot" / "vmlinuz-test").read_bytes() == b"k" * 5000
+    assert figures["unpacked_bytes"] == 5000
