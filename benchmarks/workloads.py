@@ -307,7 +307,7 @@ def _newest_deb() -> Path:
     debs = sorted((new.cache / "debs").glob(f"{new.package}_*.deb"))
     if not debs:
         raise SystemExit(f"no {new.package} .deb in {new.cache / 'debs'}: run `make lab`")
-    return debs[0]
+    return debs[-1]
 
 
 def populate_new_files(root: str) -> None:
