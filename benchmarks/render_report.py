@@ -61,7 +61,7 @@ def plots(runs: list[dict], out: Path) -> list[str]:
         width = 0.8 / len(series)
         for k, (label, vals) in enumerate(series):
             ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))],
-                   [v if v is not None else 0 for v in vals], width, label=label)
+                   [v if v is not None else float("nan") for v in vals], width, label=label)  # none: no bar
         ax.set_xticks(list(range(len(labels))), labels, fontsize=8)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -83,7 +83,7 @@ def plots(runs: list[dict], out: Path) -> list[str]:
         ("dm-bow backup (model)", col(lambda r: r["bow"]["backup_bytes"] / MiB)),
         ("fiesnap free-aware", col(lambda r: r["fiesnap"]["free_aware"]["used_bytes"] / MiB)),
         ("fiesnap plain", col(lambda r: r["fiesnap"]["plain"]["used_bytes"] / MiB)),
-        ("LVM snapshot COW", col(lambda r: (r["lvm"] or {}).get("cow_used_bytes", 0) / MiB)),
+        ("LVM snapshot COW", col(lambda r: r["lvm"]["cow_used_bytes"] / MiB if r["lvm"] else None)),
     ], log=True)
     bars("report-write.png", "Write time against the same workload with no checkpoint (1.0 = no cost)",
          "time ratio", [
@@ -147,22 +147,32 @@ def header(runs: list[dict]) -> list[str]:
         "and that write is what it saves.",
         "- **Write time** is the workload's wall time from a cold cache to the end of its `sync`, "
         "against the same workload with no checkpoint on the same disk (LVM: against the same "
-        "logical volume without a snapshot). \"vs LVM\" divides fiesnap's overhead by LVM's. The two "
+        "logical volume without a snapshot). \"that / LVM's\" divides fiesnap's slowdown factor by LVM's. "
+        "Every run starts from the checkpoint image written back to the disk, so no peer writes "
+        "where the host never allocated (the lab's disks are sparse files). The two "
         "references differ: fiesnap's is the bare disk, LVM's a device-mapper device on another disk "
         "(a device under fiesnap between checkpoints runs through its pass-through, also a "
         "device-mapper device), so where the overheads differ the report also compares the times "
         "with the checkpoint directly.",
         "- **Rollback**: `fiesnap merge` (in-process, the whole command) against a raw O_DIRECT copy "
-        "of the same runs from the same store to the same places, one I/O at a time (the limit a "
-        "copy loop can reach); `lvconvert --merge -i 1` of the same workload on LVM; `merge "
-        "--instant`: until the filesystem mounts, and until the kernel's merge is done. After each "
-        "offline merge the device was compared with a hash of the checkpoint image read before the "
-        "workload (outside the store file's blocks) and checked with `e2fsck -fn`.",
+        "of the same runs from the same store to the same places, one I/O at a time (the plain copy "
+        "loop; fiesnap's merge keeps several I/Os in flight and can beat it); `lvconvert --merge -i 1` "
+        "of the same workload on LVM, run as a command (LVM's start-up included) that polls the "
+        "kernel's merge every second, so compare it with `merge --instant`'s time until done, which "
+        "also waits for the kernel's merge; `merge --instant`: until the filesystem mounts, and "
+        "until the kernel's merge is done. After each offline merge (both stores) the device was "
+        "compared with a hash of the checkpoint image read before the workload (outside the store "
+        "file's blocks; with the free-aware store also outside the blocks free at the checkpoint, "
+        "which it does not keep) and checked with `e2fsck -fn`; the instant rollback and LVM's "
+        "merge are timed here, not checked (the test suite checks the instant rollback).",
         "- **Memory**: kernel memory for the snapshot's exceptions, as objects of the `dm_exception` "
         "slab cache (32 bytes each) counted before the start and after the workload.",
         "- **What this lab can tell.** The guest is qemu TCG (emulated CPU, no KVM), its disks are "
         "files in the host's page cache. Absolute times are not hardware times; ratios against a peer "
-        "measured in the same run carry over, and each ratio here is from one run (about 5% is noise). "
+        "measured in the same run carry over, and each ratio here is from one run. A difference under "
+        "5% is called a tie, but one run's noise is at times larger: a ratio below 1.0 against no "
+        "checkpoint is noise. The report's two guests run side by side and share the host's two "
+        "cores, so a workload's peers do not all run under the same host load. "
         "Space figures are exact and do not depend on the machine. dm-bow's time is a Python model's "
         "and is not compared.",
         "",
@@ -174,7 +184,7 @@ def summary_table(runs: list[dict]) -> list[str]:
            "| workload | lower bound MiB | dm-bow MiB | fiesnap plain MiB | free-aware MiB | LVM MiB | "
            "plain / dm-bow | free-aware / dm-bow | plain / bound | free-aware / bound | "
            "write: plain | free-aware | LVM | merge / raw copy |",
-           "|---|" + "---|" * 14]
+           "|---|" + "---|" * 13]
     for r in runs:
         q, fs = r["ratios"], r["fiesnap"]
         out.append(
@@ -200,7 +210,7 @@ def workload_section(r: dict) -> list[str]:
            f"Checkpoint-time image: {mib(st['used_at_checkpoint'])} MiB in use, {mib(st['free_at_checkpoint'])} MiB free. "
            f"With no checkpoint the workload took {none_s:.2f} s" + (f" ({fig_text})." if fig_text else "."), "",
            "| peer | store bytes used (MiB) | of which metadata (MiB) | / dm-bow | / lower bound | "
-           "write time | vs no checkpoint | vs LVM's overhead | exceptions in kernel memory |",
+           "write time | vs no checkpoint | that / LVM's | exceptions in kernel memory |",
            "|---|---|---|---|---|---|---|---|---|",
            f"| lower bound | {mib(lb['bytes'])} | - | {x(1 / q['bow_vs_lower_bound'] if q['bow_vs_lower_bound'] else None)} "
            f"| 1.00x | - | - | - | - |",
